@@ -1,0 +1,1 @@
+//! The step DAG (petgraph): cycles, topological order, text/DOT/Mermaid.

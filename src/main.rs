@@ -1,0 +1,4 @@
+//! The `tsdistill` command line.
+fn main() {
+    println!("tsdistill");
+}

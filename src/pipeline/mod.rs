@@ -1,0 +1,1 @@
+//! Pipeline YAML: types, interpolation, overrides, expansion, validation.

@@ -1,0 +1,8 @@
+//! The one integration-test binary (one binary keeps cold CI builds short).
+//! Each area has its own module file.
+
+mod common;
+mod engine;
+mod nn;
+mod train;
+mod volume;

@@ -1,0 +1,1 @@
+//! volume integration tests.
