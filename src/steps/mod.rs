@@ -188,9 +188,14 @@ pub trait StepKind: Send + Sync {
     fn params_doc(&self) -> &'static [(&'static str, &'static str)] {
         &[]
     }
-    /// Validates parameters (the step's serde struct with unknown fields denied);
-    /// returns the canonical form that enters the key.
-    fn check_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, String>;
+    /// Validates parameters (the step's serde struct with unknown fields denied,
+    /// via [`parse_params`]); returns the canonical form that enters the key.
+    fn check_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError>;
+    /// Workspace files (globs, relative to the pipeline's directory) whose
+    /// contents enter the step key, e.g. a data set's scans.
+    fn workspace_deps(&self, _params: &serde_json::Value) -> Vec<String> {
+        Vec::new()
+    }
     /// Resources while running.
     fn resources(&self, _params: &serde_json::Value) -> Resources {
         Resources::default()
@@ -198,11 +203,6 @@ pub trait StepKind: Send + Sync {
     /// For map steps: the input slot whose items are mapped one by one.
     fn map_over(&self) -> Option<&'static str> {
         None
-    }
-    /// Source steps read the workspace: they are evaluated on every run
-    /// (cheaply, through the stat cache), and their key is their output.
-    fn is_source(&self) -> bool {
-        false
     }
     /// Runs a whole step.
     fn run(&self, _ctx: &StepContext) -> StepResult<StepOutput> {
@@ -218,7 +218,38 @@ pub trait StepKind: Send + Sync {
     }
 }
 
+/// A parameter problem: the dotted path of the field (`model.feature_size`,
+/// empty for the step as a whole) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamError {
+    /// Dotted path of the offending field.
+    pub path: String,
+    /// What was expected vs found.
+    pub message: String,
+}
+
+impl ParamError {
+    /// An error about one field.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ParamError { path: path.into(), message: message.into() }
+    }
+}
+
 /// Deserialises a step's parameter struct from JSON, naming the bad field.
-pub fn parse_params<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, String> {
-    serde_json::from_value(v.clone()).map_err(|e| e.to_string())
+pub fn parse_params<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, ParamError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ParamError { path, message: e.into_inner().to_string() }
+    })
+}
+
+/// Parses a step's params into its struct and returns the canonical JSON
+/// (defaults filled in) that enters the step key.
+pub fn canonical_params<T>(v: &serde_json::Value) -> Result<serde_json::Value, ParamError>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let parsed: T = parse_params(v)?;
+    serde_json::to_value(parsed).map_err(|e| ParamError::new("", e.to_string()))
 }
