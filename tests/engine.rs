@@ -761,3 +761,60 @@ fn runs_lists_history_and_keep_protects_from_gc() {
     let r = RunRecord::find(&d.cache().join("runs-v1"), "latest~1").unwrap();
     assert!(r.keep);
 }
+
+#[test]
+fn scheduler_runs_independent_steps_in_parallel_within_resource_slots() {
+    // Each command records its start and end (ns); overlapping intervals prove
+    // parallelism, disjoint ones prove the GPU slot and thread budget hold.
+    let d = Dir::new("parallel");
+    let step = |name: &str, extra: &str| {
+        format!(
+            "  {name}:\n    kind: command\n{extra}    run: |\n      s=$(date +%s%N); sleep 0.4; e=$(date +%s%N)\n      echo \"{name} $s $e\" >> $TSD_WORKSPACE/count; echo {name} > $TSD_OUT/x\n"
+        )
+    };
+    let yaml = format!(
+        "steps:\n{}{}{}{}{}",
+        step("a", ""),
+        step("b", ""),
+        step("g1", "    gpu: true\n"),
+        step("g2", "    gpu: true\n"),
+        step("wide", "    threads: 2\n")
+    );
+    d.write("p.yaml", &yaml);
+    let s = d.run_opts(
+        "p.yaml",
+        &[],
+        RunOptions {
+            quiet: true,
+            jobs: 2,
+            ..Default::default()
+        },
+    );
+    assert!(s.ok());
+    let spans: BTreeMap<String, (u128, u128)> = d
+        .count()
+        .iter()
+        .map(|l| {
+            let v: Vec<&str> = l.split(' ').collect();
+            (
+                v[0].to_string(),
+                (v[1].parse().unwrap(), v[2].parse().unwrap()),
+            )
+        })
+        .collect();
+    let overlap = |x: &str, y: &str| {
+        let (a, b) = (spans[x], spans[y]);
+        a.0 < b.1 && b.0 < a.1
+    };
+    assert!(
+        overlap("a", "b"),
+        "a and b ran one after the other: {spans:?}"
+    );
+    assert!(!overlap("g1", "g2"), "two GPU steps overlapped: {spans:?}");
+    for other in ["a", "b", "g1", "g2"] {
+        assert!(
+            !overlap("wide", other),
+            "a 2-thread step shared 2 slots with {other}: {spans:?}"
+        );
+    }
+}
