@@ -408,6 +408,7 @@ impl<'a> Engine<'a> {
             params: &step.params,
             inputs: others,
             out_dir: staging.path(),
+            workspace: &self.pipeline.workspace,
             cancel: &self.cancel,
         };
         step.kind.run_item(&ctx).map_err(|e| e.to_string())?;
@@ -467,6 +468,7 @@ impl<'a> Engine<'a> {
             pipeline: p.name.clone(),
             file: std::path::absolute(&p.file).unwrap_or(p.file.clone()),
             started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            started_ns: RunRecord::now_ns(),
             seconds: 0.0,
             status: "running".into(),
             params: p.params.clone(),
