@@ -21,7 +21,7 @@ use crate::train::metrics::{self, CaseMetrics, Grid};
 use crate::train::predict::LoadedModel;
 use crate::train::swin::parse_device;
 use crate::train::TrainError;
-use crate::volume::{nifti, Voxels, Volume};
+use crate::volume::{nifti, Volume, Voxels};
 
 /// The `evaluate` step kind.
 pub struct Evaluate;
@@ -79,15 +79,27 @@ impl StepKind for Evaluate {
     }
     fn inputs(&self) -> &'static [InputSpec] {
         &[
-            InputSpec { name: "data", arity: Arity::One },
-            InputSpec { name: "model", arity: Arity::Optional },
-            InputSpec { name: "predictions", arity: Arity::Optional },
+            InputSpec {
+                name: "data",
+                arity: Arity::One,
+            },
+            InputSpec {
+                name: "model",
+                arity: Arity::Optional,
+            },
+            InputSpec {
+                name: "predictions",
+                arity: Arity::Optional,
+            },
         ]
     }
     fn params_doc(&self) -> &'static [(&'static str, &'static str)] {
         &[
             ("num_classes", "classes scored (model's, else 14)"),
-            ("save_predictions", "write predictions/<case>.nii.gz (false)"),
+            (
+                "save_predictions",
+                "write predictions/<case>.nii.gz (false)",
+            ),
             ("hd95", "compute HD95 in mm (true)"),
             ("device", "auto | cpu | cuda | cuda:N"),
         ]
@@ -152,7 +164,10 @@ impl StepKind for Evaluate {
             let pp = dir.join("prediction");
             let pred = to_c_order(&label_ids(&pred_vol, &pp).map_err(err)?, pred_vol.shape);
             let refr = to_c_order(&label_ids(&reference, &lp).map_err(err)?, reference.shape);
-            let grid = Grid { shape: reference.shape, spacing: reference.spacing() };
+            let grid = Grid {
+                shape: reference.shape,
+                spacing: reference.spacing(),
+            };
             let m = if p.hd95 {
                 metrics::case_metrics(&pred, &refr, &grid, num_classes)
             } else {
@@ -164,8 +179,11 @@ impl StepKind for Evaluate {
                 }
             };
             if p.save_predictions && model.is_some() {
-                nifti::write(ctx.out_dir.join("predictions").join(format!("{id}.nii.gz")), &pred_vol)
-                    .map_err(|e| StepError::Other(e.to_string()))?;
+                nifti::write(
+                    ctx.out_dir.join("predictions").join(format!("{id}.nii.gz")),
+                    &pred_vol,
+                )
+                .map_err(|e| StepError::Other(e.to_string()))?;
             }
             rows.push((id.clone(), m));
             ctx.progress.set_position(n as u64 + 1);
@@ -183,7 +201,9 @@ impl StepKind for Evaluate {
         put("mean_dice_fg".into(), metrics::mean_dice(&dice_rows, false));
         put("cases".into(), rows.len() as f64);
         for c in 0..num_classes {
-            let col = |f: &dyn Fn(&CaseMetrics) -> f64| -> Vec<f64> { rows.iter().map(|(_, m)| f(m)).collect() };
+            let col = |f: &dyn Fn(&CaseMetrics) -> f64| -> Vec<f64> {
+                rows.iter().map(|(_, m)| f(m)).collect()
+            };
             if let Some(d) = metrics::nan_mean(&col(&|m| m.dice[c])) {
                 put(format!("dice_{c}"), d);
             }
@@ -201,7 +221,13 @@ impl StepKind for Evaluate {
         let mut csv = String::from("case,class,dice,hd95_mm,pred_volume_mm3,ref_volume_mm3\n");
         for (id, m) in &rows {
             for c in 0..num_classes {
-                let f = |v: f64| if v.is_nan() { String::new() } else { format!("{v}") };
+                let f = |v: f64| {
+                    if v.is_nan() {
+                        String::new()
+                    } else {
+                        format!("{v}")
+                    }
+                };
                 csv.push_str(&format!(
                     "{id},{c},{},{},{},{}\n",
                     f(m.dice[c]),
@@ -216,6 +242,10 @@ impl StepKind for Evaluate {
             ctx.out_dir.join("metrics.json"),
             serde_json::to_string_pretty(&out).expect("serialises"),
         )?;
-        Ok(StepOutput { kind: "metrics".into(), metrics: out, ..Default::default() })
+        Ok(StepOutput {
+            kind: "metrics".into(),
+            metrics: out,
+            ..Default::default()
+        })
     }
 }

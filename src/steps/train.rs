@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::nn::SwinUnetrConfig;
-use crate::train::data::{read_item, Preprocess, Prepared};
+use crate::train::data::{read_item, Prepared, Preprocess};
 use crate::train::optim::AdamWConfig;
 use crate::train::predict::InferenceConfig;
 use crate::train::sampler::{SamplerConfig, SamplingCase};
@@ -46,7 +46,12 @@ pub struct Augment {
 
 impl Default for Augment {
     fn default() -> Self {
-        Augment { flip_prob: [0.1; 3], rot90_prob: 0.1, shift_offset: 0.1, shift_prob: 0.5 }
+        Augment {
+            flip_prob: [0.1; 3],
+            rot90_prob: 0.1,
+            shift_offset: 0.1,
+            shift_prob: 0.5,
+        }
     }
 }
 
@@ -166,24 +171,35 @@ impl TrainParams {
     /// The SwinUNETR config with our defaults filled in.
     pub fn model_config(&self) -> Result<SwinUnetrConfig, ParamError> {
         let mut m = serde_json::json!({"in_channels": 1, "out_channels": 14, "feature_size": 48});
-        let given = self.model.as_object().ok_or_else(|| ParamError::new("model", "expected a mapping"))?;
+        let given = self
+            .model
+            .as_object()
+            .ok_or_else(|| ParamError::new("model", "expected a mapping"))?;
         for (k, v) in given {
             m[k] = v.clone();
         }
-        let cfg: SwinUnetrConfig = parse_params(&m).map_err(|e| ParamError::new(format!("model.{}", e.path), e.message))?;
-        cfg.validate().map_err(|e| ParamError::new("model", e.to_string()))?;
+        let cfg: SwinUnetrConfig = parse_params(&m)
+            .map_err(|e| ParamError::new(format!("model.{}", e.path), e.message))?;
+        cfg.validate()
+            .map_err(|e| ParamError::new("model", e.to_string()))?;
         Ok(cfg)
     }
 
     fn train_config(&self, n_train: usize, num_classes: usize) -> TrainConfig {
-        let iterations = self.iterations.unwrap_or_else(|| self.epochs.unwrap_or(1) * n_train);
+        let iterations = self
+            .iterations
+            .unwrap_or_else(|| self.epochs.unwrap_or(1) * n_train);
         TrainConfig {
             iterations,
             val_every: self.val_every,
             checkpoint_every: self.checkpoint_every,
             seed: self.seed,
             num_classes,
-            optimizer: AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..Default::default() },
+            optimizer: AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
             schedule: self.schedule.clone(),
             grad_clip: self.grad_clip,
             sampler: SamplerConfig {
@@ -211,13 +227,25 @@ impl TrainParams {
     fn check(&self) -> Result<(), ParamError> {
         self.model_config()?;
         if self.batch != 1 {
-            return Err(ParamError::new("batch", format!("only 1 volume per iteration is supported (the recipe's), found {}", self.batch)));
+            return Err(ParamError::new(
+                "batch",
+                format!(
+                    "only 1 volume per iteration is supported (the recipe's), found {}",
+                    self.batch
+                ),
+            ));
         }
         if self.iterations.is_some() && self.epochs.is_some() {
-            return Err(ParamError::new("iterations", "give `iterations` or `epochs`, not both"));
+            return Err(ParamError::new(
+                "iterations",
+                "give `iterations` or `epochs`, not both",
+            ));
         }
         if self.roi.iter().any(|&r| r == 0 || r % 32 != 0) {
-            return Err(ParamError::new("roi", format!("SwinUNETR needs multiples of 32, found {:?}", self.roi)));
+            return Err(ParamError::new(
+                "roi",
+                format!("SwinUNETR needs multiples of 32, found {:?}", self.roi),
+            ));
         }
         Ok(())
     }
@@ -226,15 +254,18 @@ impl TrainParams {
 fn train_err(e: TrainError) -> StepError {
     match e {
         TrainError::Param { param, message } => StepError::Params(format!("`{param}`: {message}")),
-        TrainError::BadFile { .. } | TrainError::Shape { .. } | TrainError::NoSamplingLocation { .. } => {
-            StepError::Input(e.to_string())
-        }
+        TrainError::BadFile { .. }
+        | TrainError::Shape { .. }
+        | TrainError::NoSamplingLocation { .. } => StepError::Input(e.to_string()),
         other => StepError::Other(other.to_string()),
     }
 }
 
 fn load_cases(a: &InputArtifact, pre: &Preprocess) -> StepResult<Vec<Prepared>> {
-    a.items.iter().map(|(id, dir)| read_item(id, dir, true, pre).map_err(train_err)).collect()
+    a.items
+        .iter()
+        .map(|(id, dir)| read_item(id, dir, true, pre).map_err(train_err))
+        .collect()
 }
 
 impl StepKind for Train {
@@ -252,25 +283,55 @@ impl StepKind for Train {
          Checkpoints in the step's work area make a killed run resume exactly."
     }
     fn inputs(&self) -> &'static [InputSpec] {
-        &[InputSpec { name: "data", arity: Arity::One }, InputSpec { name: "val", arity: Arity::Optional }]
+        &[
+            InputSpec {
+                name: "data",
+                arity: Arity::One,
+            },
+            InputSpec {
+                name: "val",
+                arity: Arity::Optional,
+            },
+        ]
     }
     fn params_doc(&self) -> &'static [(&'static str, &'static str)] {
         &[
-            ("model", "SwinUNETR config (MONAI names; default in 1, out 14, feature_size 48)"),
+            (
+                "model",
+                "SwinUNETR config (MONAI names; default in 1, out 14, feature_size 48)",
+            ),
             ("roi", "patch size, multiples of 32 (default [96, 96, 96])"),
             ("batch", "volumes per iteration (1)"),
             ("samples_per_volume", "patches per volume (4)"),
-            ("iterations | epochs", "length of training (default 1 epoch)"),
+            (
+                "iterations | epochs",
+                "length of training (default 1 epoch)",
+            ),
             ("val_every", "validation interval in iterations (100)"),
             ("checkpoint_every", "checkpoint interval (50)"),
             ("lr, weight_decay", "AdamW (1e-4, 1e-5)"),
-            ("schedule", "{kind: constant} or {kind: warmup_cosine, warmup, warmup_start_lr, eta_min}"),
+            (
+                "schedule",
+                "{kind: constant} or {kind: warmup_cosine, warmup, warmup_start_lr, eta_min}",
+            ),
             ("grad_clip", "max gradient norm (off)"),
             ("pos_neg", "foreground:background centre weights ([1, 1])"),
-            ("image_threshold", "background centres need image > this (0)"),
-            ("aug", "flip_prob [0.1]*3, rot90_prob 0.1, shift_offset 0.1, shift_prob 0.5"),
-            ("preprocess", "window [-175, 250] (null: none), crop_foreground true"),
-            ("sw_batch_size, overlap, blend", "validation sliding window (4, 0.25, constant)"),
+            (
+                "image_threshold",
+                "background centres need image > this (0)",
+            ),
+            (
+                "aug",
+                "flip_prob [0.1]*3, rot90_prob 0.1, shift_offset 0.1, shift_prob 0.5",
+            ),
+            (
+                "preprocess",
+                "window [-175, 250] (null: none), crop_foreground true",
+            ),
+            (
+                "sw_batch_size, overlap, blend",
+                "validation sliding window (4, 0.25, constant)",
+            ),
             ("seed", "init and patch stream (0)"),
             ("device", "auto | cpu | cuda | cuda:N"),
             ("workers", "batch-building threads (2)"),
@@ -282,18 +343,27 @@ impl StepKind for Train {
         serde_json::to_value(p).map_err(|e| ParamError::new("", e.to_string()))
     }
     fn resources(&self, params: &serde_json::Value) -> Resources {
-        let gpu = params.get("device").and_then(|d| d.as_str()).is_some_and(|d| d.starts_with("cuda"));
+        let gpu = params
+            .get("device")
+            .and_then(|d| d.as_str())
+            .is_some_and(|d| d.starts_with("cuda"));
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         Resources { threads, gpu }
     }
     fn run(&self, ctx: &StepContext) -> StepResult<StepOutput> {
-        let p: TrainParams = parse_params(ctx.params).map_err(|e| StepError::Params(format!("`{}`: {}", e.path, e.message)))?;
-        let model_cfg = p.model_config().map_err(|e| StepError::Params(format!("`{}`: {}", e.path, e.message)))?;
+        let p: TrainParams = parse_params(ctx.params)
+            .map_err(|e| StepError::Params(format!("`{}`: {}", e.path, e.message)))?;
+        let model_cfg = p
+            .model_config()
+            .map_err(|e| StepError::Params(format!("`{}`: {}", e.path, e.message)))?;
         let device = parse_device(&p.device).map_err(train_err)?;
         let data = ctx.input("data")?;
         let train_cases = load_cases(data, &p.preprocess)?;
         if train_cases.is_empty() {
-            return Err(StepError::Input(format!("`{}`: no cases to train on", data.reference)));
+            return Err(StepError::Input(format!(
+                "`{}`: no cases to train on",
+                data.reference
+            )));
         }
         let val_cases = match ctx.inputs.get("val").and_then(|v| v.first()) {
             Some(v) => load_cases(v, &p.preprocess)?,
@@ -318,7 +388,12 @@ impl StepKind for Train {
             .collect::<StepResult<_>>()?;
         let val: Vec<ValCase> = val_cases
             .into_iter()
-            .map(|c| ValCase { id: c.id, image: c.image, label: c.label.expect("labels"), grid: c.grid })
+            .map(|c| ValCase {
+                id: c.id,
+                image: c.image,
+                label: c.label.expect("labels"),
+                grid: c.grid,
+            })
             .collect();
 
         let model = SwinModel::init(&model_cfg, p.seed, &device).map_err(train_err)?;
@@ -328,7 +403,8 @@ impl StepKind for Train {
             ctx.progress.set_position(done as u64);
             let elapsed = started.elapsed().as_secs_f64();
             let eta = elapsed / done.max(1) as f64 * (total - done) as f64;
-            ctx.progress.set_message(format!("it {done}/{total} loss {loss:.4} eta {eta:.0}s"));
+            ctx.progress
+                .set_message(format!("it {done}/{total} loss {loss:.4} eta {eta:.0}s"));
         };
         let cancelled = || ctx.cancel.is_cancelled();
         let outcome = trainer::train(
@@ -336,23 +412,35 @@ impl StepKind for Train {
             Arc::new(sampling),
             &val,
             &cfg,
-            LoaderSettings { workers: p.workers, prefetch: 4 },
+            LoaderSettings {
+                workers: p.workers,
+                prefetch: 4,
+            },
             &device,
             ctx.work_dir,
-            Hooks { on_iteration: &mut on_iteration, cancelled: &cancelled },
+            Hooks {
+                on_iteration: &mut on_iteration,
+                cancelled: &cancelled,
+            },
         )
         .map_err(train_err)?;
 
         // Outputs: last weights, best weights as the model.
         let out = ctx.out_dir;
-        model.net.save(out.join("last.safetensors")).map_err(|e| StepError::Other(e.to_string()))?;
+        model
+            .net
+            .save(out.join("last.safetensors"))
+            .map_err(|e| StepError::Other(e.to_string()))?;
         match &outcome.best_weights {
             Some(best) => {
                 std::fs::copy(best, out.join("model.safetensors"))?;
                 let json = serde_json::to_string_pretty(&model_cfg).expect("config serialises");
                 std::fs::write(out.join("model.json"), json)?;
             }
-            None => model.net.save(out.join("model.safetensors")).map_err(|e| StepError::Other(e.to_string()))?,
+            None => model
+                .net
+                .save(out.join("model.safetensors"))
+                .map_err(|e| StepError::Other(e.to_string()))?,
         }
         let inference = InferenceConfig {
             spacing,
@@ -361,16 +449,25 @@ impl StepKind for Train {
             sliding_window: cfg.sliding_window.clone(),
             num_classes,
         };
-        std::fs::write(out.join("inference.json"), serde_json::to_string_pretty(&inference).expect("serialises"))?;
+        std::fs::write(
+            out.join("inference.json"),
+            serde_json::to_string_pretty(&inference).expect("serialises"),
+        )?;
         write_history(out, &outcome.history, num_classes)?;
 
         let mut metrics = BTreeMap::new();
         metrics.insert("iterations".into(), cfg.iterations as f64);
         metrics.insert("resumed_from".into(), outcome.resumed_from as f64);
         metrics.insert("loop_seconds".into(), outcome.loop_seconds);
-        metrics.insert("data_wait_share".into(), outcome.data_wait_seconds / outcome.loop_seconds.max(1e-9));
+        metrics.insert(
+            "data_wait_share".into(),
+            outcome.data_wait_seconds / outcome.loop_seconds.max(1e-9),
+        );
         let done_here = (cfg.iterations - outcome.resumed_from).max(1) as f64;
-        metrics.insert("iterations_per_second".into(), done_here / outcome.loop_seconds.max(1e-9));
+        metrics.insert(
+            "iterations_per_second".into(),
+            done_here / outcome.loop_seconds.max(1e-9),
+        );
         if let Some(last) = outcome.history.last() {
             metrics.insert("final_loss".into(), last.loss);
         }
@@ -384,7 +481,10 @@ impl StepKind for Train {
                 }
             }
         }
-        std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics).expect("serialises"))?;
+        std::fs::write(
+            out.join("metrics.json"),
+            serde_json::to_string_pretty(&metrics).expect("serialises"),
+        )?;
         Ok(StepOutput {
             kind: "model".into(),
             meta: serde_json::json!({"num_classes": num_classes, "spacing": spacing}),
@@ -394,7 +494,11 @@ impl StepKind for Train {
     }
 }
 
-fn write_history(out: &std::path::Path, rows: &[trainer::HistoryRow], num_classes: usize) -> StepResult<()> {
+fn write_history(
+    out: &std::path::Path,
+    rows: &[trainer::HistoryRow],
+    num_classes: usize,
+) -> StepResult<()> {
     let mut csv = String::from("iteration,loss,lr,seconds,val_mean_dice,val_mean_dice_fg");
     for c in 0..num_classes {
         csv.push_str(&format!(",val_dice_{c}"));
@@ -402,13 +506,24 @@ fn write_history(out: &std::path::Path, rows: &[trainer::HistoryRow], num_classe
     csv.push('\n');
     let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     for r in rows {
-        csv.push_str(&format!("{},{},{},{:.3},{},{}", r.iteration, r.loss, r.lr, r.seconds, f(r.val_mean_dice), f(r.val_mean_dice_fg)));
+        csv.push_str(&format!(
+            "{},{},{},{:.3},{},{}",
+            r.iteration,
+            r.loss,
+            r.lr,
+            r.seconds,
+            f(r.val_mean_dice),
+            f(r.val_mean_dice_fg)
+        ));
         for c in 0..num_classes {
             csv.push_str(&format!(",{}", f(r.val_dice.as_ref().map(|d| d[c]))));
         }
         csv.push('\n');
     }
     std::fs::write(out.join("history.csv"), csv)?;
-    std::fs::write(out.join("history.json"), serde_json::to_string_pretty(rows).expect("serialises"))?;
+    std::fs::write(
+        out.join("history.json"),
+        serde_json::to_string_pretty(rows).expect("serialises"),
+    )?;
     Ok(())
 }

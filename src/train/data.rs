@@ -60,7 +60,10 @@ pub struct Preprocess {
 
 impl Default for Preprocess {
     fn default() -> Self {
-        Preprocess { window: Some([-175.0, 250.0]), crop_foreground: true }
+        Preprocess {
+            window: Some([-175.0, 250.0]),
+            crop_foreground: true,
+        }
     }
 }
 
@@ -115,12 +118,21 @@ pub fn prepare(
     }
     let scaled = match pre.window {
         Some([a_min, a_max]) => {
-            let w = Window { a_min, a_max, b_min: 0.0, b_max: 1.0, clip: true };
+            let w = Window {
+                a_min,
+                a_max,
+                b_min: 0.0,
+                b_max: 1.0,
+                clip: true,
+            };
             scale_intensity_range(image, &w)
         }
         None => image.clone(),
     };
-    let full = BBox { lo: [0; 3], hi: image.shape };
+    let full = BBox {
+        lo: [0; 3],
+        hi: image.shape,
+    };
     let bbox = if pre.crop_foreground {
         foreground_bbox(&scaled, 0.0, 0).unwrap_or(full)
     } else {
@@ -139,7 +151,10 @@ pub fn prepare(
         id: id.to_string(),
         image: to_c_order(&img.data.to_f32(), img.shape),
         label: lab,
-        grid: Grid { shape: img.shape, spacing },
+        grid: Grid {
+            shape: img.shape,
+            spacing,
+        },
         bbox,
         full_shape: image.shape,
     })
@@ -148,14 +163,18 @@ pub fn prepare(
 /// Reads `image.nii.gz` (and `label.nii.gz` when `with_label`) of an item directory.
 pub fn read_item(id: &str, dir: &Path, with_label: bool, pre: &Preprocess) -> Result<Prepared> {
     let ip = dir.join("image.nii.gz");
-    let image = nifti::read(&ip)
-        .map_err(|e| TrainError::BadFile { path: ip.clone(), message: e.to_string() })?;
+    let image = nifti::read(&ip).map_err(|e| TrainError::BadFile {
+        path: ip.clone(),
+        message: e.to_string(),
+    })?;
     if !with_label {
         return prepare(id, &image, None, pre);
     }
     let lp = dir.join("label.nii.gz");
-    let label = nifti::read(&lp)
-        .map_err(|e| TrainError::BadFile { path: lp.clone(), message: e.to_string() })?;
+    let label = nifti::read(&lp).map_err(|e| TrainError::BadFile {
+        path: lp.clone(),
+        message: e.to_string(),
+    })?;
     prepare(id, &image, Some((&label, &lp)), pre)
 }
 

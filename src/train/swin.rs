@@ -51,7 +51,10 @@ impl TrainModel for Frozen {
 pub fn nn_err(e: crate::nn::Error) -> TrainError {
     match e {
         crate::nn::Error::Candle(c) => TrainError::Candle(c),
-        other => TrainError::Param { param: "model".into(), message: other.to_string() },
+        other => TrainError::Param {
+            param: "model".into(),
+            message: other.to_string(),
+        },
     }
 }
 
@@ -59,16 +62,26 @@ pub fn nn_err(e: crate::nn::Error) -> TrainError {
 pub fn parse_device(spec: &str) -> Result<Device> {
     let cuda = |n: usize| {
         Device::new_cuda(n).map_err(|e| {
-            param_err("device", format!("`{spec}`: CUDA device {n} unavailable ({e})"))
+            param_err(
+                "device",
+                format!("`{spec}`: CUDA device {n} unavailable ({e})"),
+            )
         })
     };
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(if candle_core::utils::cuda_is_available() { cuda(0)? } else { Device::Cpu }),
+        "auto" => Ok(if candle_core::utils::cuda_is_available() {
+            cuda(0)?
+        } else {
+            Device::Cpu
+        }),
         "cuda" => cuda(0),
         s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
             Some(n) => cuda(n),
-            None => Err(param_err("device", format!("expected auto, cpu, cuda or cuda:N, found `{s}`"))),
+            None => Err(param_err(
+                "device",
+                format!("expected auto, cpu, cuda or cuda:N, found `{s}`"),
+            )),
         },
     }
 }
