@@ -39,9 +39,15 @@ impl LockFile {
     pub fn load(path: &Path) -> Result<Self, String> {
         match fs_err::read(path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                format!("`{}`: corrupt lock file ({e}); delete it to start afresh", path.display())
+                format!(
+                    "`{}`: corrupt lock file ({e}); delete it to start afresh",
+                    path.display()
+                )
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LockFile { version: 1, ..Default::default() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LockFile {
+                version: 1,
+                ..Default::default()
+            }),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -52,6 +58,9 @@ impl LockFile {
         let guard = path.with_extension("lock.flock");
         let _l = FileLock::acquire(&guard, LockMode::Exclusive).map_err(|e| e.to_string())?;
         let mut lf = Self::load(path)?;
+        if lf.steps.get(step) == Some(&entry) && lf.version == 1 {
+            return Ok(());
+        }
         lf.version = 1;
         lf.steps.insert(step.to_string(), entry);
         let bytes = serde_json::to_vec_pretty(&lf).expect("serialises");

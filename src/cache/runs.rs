@@ -64,6 +64,9 @@ pub struct RunRecord {
     pub file: PathBuf,
     /// RFC 3339 start time.
     pub started: String,
+    /// Start time in ns since the epoch (orders runs started in one second).
+    #[serde(default)]
+    pub started_ns: u128,
     /// Seconds the run took (so far).
     #[serde(default)]
     pub seconds: f64,
@@ -82,6 +85,14 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// Now, in ns since the epoch.
+    pub fn now_ns() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    }
+
     /// A new id from the current time.
     pub fn new_id() -> String {
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
@@ -110,7 +121,7 @@ impl RunRecord {
             .filter_map(|e| fs_err::read(e.path()).ok())
             .filter_map(|b| serde_json::from_slice(&b).ok())
             .collect();
-        v.sort_by(|a: &RunRecord, b| a.id.cmp(&b.id));
+        v.sort_by(|a: &RunRecord, b| (a.started_ns, &a.id).cmp(&(b.started_ns, &b.id)));
         v
     }
 
@@ -122,7 +133,9 @@ impl RunRecord {
         }
         if let Some(rest) = spec.strip_prefix("latest") {
             let back: usize = match rest.strip_prefix('~') {
-                Some(n) => n.parse().map_err(|_| format!("`{spec}`: expected latest~N"))?,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| format!("`{spec}`: expected latest~N"))?,
                 None if rest.is_empty() => 0,
                 None => return Err(format!("`{spec}`: expected latest or latest~N")),
             };

@@ -2,9 +2,11 @@
 //! reporting, status explanations and output links.
 
 pub mod engine;
+pub mod gc;
 pub mod links;
 pub mod progress;
 pub mod report;
+mod show;
 pub mod status;
 
 pub use engine::{Engine, RunOptions, RunSummary};

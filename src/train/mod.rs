@@ -8,15 +8,19 @@
 //! - [`optim`]: AdamW with checkpointable state;
 //! - [`schedule`]: learning-rate schedules, gradient clipping;
 //! - [`loader`]: batches built on worker threads ahead of the model;
+//! - [`model`]: the model trait the loop drives, seeded initialisation;
+//! - [`trainer`]: the loop, validation, checkpoints and resume;
 //! - [`error`]: the module's error type.
 
 pub mod error;
 pub mod loader;
 pub mod loss;
 pub mod metrics;
+pub mod model;
 pub mod optim;
 pub mod sampler;
 pub mod schedule;
 pub mod sliding_window;
+pub mod trainer;
 
 pub use error::{Result, TrainError};
