@@ -320,9 +320,13 @@ pub fn conv_transpose3d_k2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// Non-affine InstanceNorm3d (PyTorch defaults: biased variance over D,H,W per (b,c), eps 1e-5,
-/// no running stats): x `[B,C,D,H,W]`.
+/// no running stats): x `[B,C,D,H,W]`. On CPU (f32/f64) one fused op that keeps only its input
+/// and output for backward; elsewhere composed from tensor ops.
 pub fn instance_norm3d(x: &Tensor) -> Result<Tensor> {
     let (b, c, d, h, w) = x.dims5()?;
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.contiguous()?.apply_op1(InstanceNorm { row: d * h * w });
+    }
     // [B,C,D,H,W] -> [B,C,M]
     let xf = x.reshape((b, c, d * h * w))?;
     let mean = xf.mean_keepdim(2)?;
@@ -330,6 +334,64 @@ pub fn instance_norm3d(x: &Tensor) -> Result<Tensor> {
     let var = xc.sqr()?.mean_keepdim(2)?;
     let y = xc.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
     y.reshape((b, c, d, h, w))
+}
+
+/// Fused CPU instance norm over rows of `row` elements; backward
+/// `dx = (g − mean(g) − y·mean(g·y)) / σ`.
+struct InstanceNorm {
+    row: usize,
+}
+
+fn instance_norm_rows<T>(x: &[T], n: usize) -> Vec<T>
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    use rayon::prelude::*;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .for_each(|(o, xs)| {
+            // f64 accumulation: the rows are long (up to 96³).
+            let f = |v: &T| candle_core::WithDType::to_f64(*v);
+            let mean = xs.iter().map(f).sum::<f64>() / n as f64;
+            let var = xs.iter().map(|v| (f(v) - mean).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (var + NORM_EPS).sqrt();
+            for (o, v) in o.iter_mut().zip(xs) {
+                *o = <T as candle_core::WithDType>::from_f64((f(v) - mean) * inv);
+            }
+        });
+    out
+}
+
+impl candle_core::CustomOp1 for InstanceNorm {
+    fn name(&self) -> &'static str {
+        "instance-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("instance-norm: input must be contiguous")
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(instance_norm_rows(&v[a..b], self.row)),
+            CpuStorage::F64(v) => CpuStorage::F64(instance_norm_rows(&v[a..b], self.row)),
+            _ => candle_core::bail!("instance-norm: f32/f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let rows = x.elem_count() / self.row;
+        let (orig, shape) = (x.shape().clone(), (rows, self.row));
+        let (x, y, g) = (x.reshape(shape)?, y.reshape(shape)?, g.reshape(shape)?);
+        let xc = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+        let inv = (xc.sqr()?.mean_keepdim(1)? + NORM_EPS)?.sqrt()?.recip()?;
+        drop(xc);
+        let mg = g.mean_keepdim(1)?;
+        let mgy = (&g * &y)?.mean_keepdim(1)?;
+        let dx = (g.broadcast_sub(&mg)? - y.broadcast_mul(&mgy)?)?.broadcast_mul(&inv)?;
+        Ok(Some(dx.reshape(orig)?))
+    }
 }
 
 /// Layer normalisation over the last dim with optional affine parameters, built from tensor ops
@@ -368,10 +430,59 @@ impl Module for LayerNorm {
     }
 }
 
-/// LeakyReLU with MONAI's slope 0.01, as `max(x, 0.01·x)` (two passes instead of candle_nn's
-/// five).
+/// LeakyReLU with MONAI's slope 0.01. On CPU (f32/f64) one fused op; elsewhere
+/// `max(x, 0.01·x)`.
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    x.maximum(&(x * LEAKY_SLOPE)?)
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(LeakyRelu)
+    } else {
+        x.maximum(&(x * LEAKY_SLOPE)?)
+    }
+}
+
+/// Fused CPU LeakyReLU; backward `g · (x > 0 ? 1 : 0.01)`.
+struct LeakyRelu;
+
+fn leaky_rows<T>(x: &[T]) -> Vec<T>
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    use rayon::prelude::*;
+    let slope = <T as candle_core::WithDType>::from_f64(LEAKY_SLOPE);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(x.par_chunks(1 << 16))
+        .for_each(|(o, xs)| {
+            for (o, &v) in o.iter_mut().zip(xs) {
+                *o = if v > T::zero() { v } else { v * slope };
+            }
+        });
+    out
+}
+
+impl candle_core::CustomOp1 for LeakyRelu {
+    fn name(&self) -> &'static str {
+        "leaky-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("leaky-relu: input must be contiguous")
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(leaky_rows(&v[a..b])),
+            CpuStorage::F64(v) => CpuStorage::F64(leaky_rows(&v[a..b])),
+            _ => candle_core::bail!("leaky-relu: f32/f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // factor = 0.01 + 0.99·[x > 0]
+        let pos = x.gt(0.0)?.to_dtype(g.dtype())?;
+        let factor = ((pos * (1.0 - LEAKY_SLOPE))? + LEAKY_SLOPE)?;
+        Ok(Some((g * factor)?))
+    }
 }
 
 /// Exact (erf) GELU, as `torch.nn.GELU()`.
