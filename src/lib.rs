@@ -16,6 +16,7 @@ pub mod exec;
 pub mod graph;
 pub mod nn;
 pub mod pipeline;
+pub mod report;
 pub mod steps;
 pub mod train;
 pub mod volume;

@@ -50,3 +50,10 @@ impl Progress {
         self.bar.set_message(msg.into())
     }
 }
+
+impl Progress {
+    /// Clears the bar when its step is done.
+    pub fn finish_and_clear(&self) {
+        self.bar.finish_and_clear()
+    }
+}

@@ -15,7 +15,7 @@ impl StepKind for Split {
     fn doc(&self) -> &'static str {
         "todo"
     }
-    fn check_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, String> {
+    fn check_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
         Ok(params.clone())
     }
 }
