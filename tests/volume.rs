@@ -696,3 +696,383 @@ fn r4_phantom_is_deterministic_plausible_and_trainable() {
         "{orientations:?}"
     );
 }
+
+// ------------------------------------------------------------------ steps
+
+mod steps {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::{Path, PathBuf};
+
+    use serde_json::json;
+    use tsdistill::cache::Manifest;
+    use tsdistill::exec::{CancelToken, Progress};
+    use tsdistill::steps::{self, InputArtifact, ItemContext, ItemSource, StepContext, StepOutput};
+    use tsdistill::volume::nifti;
+    use tsdistill::volume::orientation::axcodes;
+    use tsdistill::volume::resample::to_original_grid;
+
+    use super::{affine_of, agreement, json as fixture_json, mean_abs_diff, scratch, vdir};
+
+    fn run_whole(
+        kind: &str,
+        params: serde_json::Value,
+        inputs: BTreeMap<String, Vec<InputArtifact>>,
+        out: &Path,
+    ) -> Result<StepOutput, String> {
+        let k = steps::find(kind).unwrap();
+        let params = k
+            .check_params(&params)
+            .map_err(|e| format!("{}: {}", e.path, e.message))?;
+        let (progress, cancel) = (Progress::hidden(), CancelToken::default());
+        let work = out.with_extension("work");
+        fs_err::create_dir_all(&work).unwrap();
+        let ctx = StepContext {
+            step: kind,
+            params: &params,
+            inputs: &inputs,
+            out_dir: out,
+            work_dir: &work,
+            workspace: out,
+            progress: &progress,
+            cancel: &cancel,
+        };
+        k.run(&ctx).map_err(|e| e.to_string())
+    }
+
+    fn run_item(
+        kind: &str,
+        params: serde_json::Value,
+        case: &str,
+        item: &Path,
+        out: &Path,
+    ) -> Result<(), String> {
+        let k = steps::find(kind).unwrap();
+        let params = k
+            .check_params(&params)
+            .map_err(|e| format!("{}: {}", e.path, e.message))?;
+        let inputs = BTreeMap::new();
+        let cancel = CancelToken::default();
+        fs_err::create_dir_all(out).unwrap();
+        let ctx = ItemContext {
+            step: kind,
+            case,
+            item_dir: item,
+            params: &params,
+            inputs: &inputs,
+            out_dir: out,
+            workspace: out,
+            cancel: &cancel,
+        };
+        k.run_item(&ctx).map_err(|e| e.to_string())
+    }
+
+    /// A dataset artifact with `n` fake items (hash = "h<id>").
+    fn fake_dataset(n: usize) -> InputArtifact {
+        let ids: Vec<String> = (0..n).map(|i| format!("case{i:03}")).collect();
+        let manifest = Manifest {
+            kind: "dataset".into(),
+            items: ids
+                .iter()
+                .map(|id| (id.clone(), format!("h{id}")))
+                .collect(),
+            ..Default::default()
+        };
+        InputArtifact {
+            reference: "ct".into(),
+            dir: PathBuf::from("/nonexistent"),
+            manifest,
+            items: ids
+                .iter()
+                .map(|id| (id.clone(), PathBuf::from(format!("/nonexistent/{id}"))))
+                .collect(),
+        }
+    }
+
+    fn split(params: serde_json::Value, n: usize) -> Result<StepOutput, String> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let out = scratch(&format!("volume-split-{n}"));
+        run_whole(
+            "split",
+            params,
+            BTreeMap::from([("input".to_string(), vec![fake_dataset(n)])]),
+            &out,
+        )
+    }
+
+    #[test]
+    fn r4_split_by_counts_is_seeded_disjoint_and_reuses_items() {
+        let a = split(
+            json!({"counts": {"train": 10, "val": 3, "test": 3}, "seed": 7}),
+            20,
+        )
+        .unwrap();
+        let sizes: Vec<(String, usize)> =
+            a.groups.iter().map(|(k, v)| (k.clone(), v.len())).collect();
+        assert_eq!(
+            sizes,
+            [
+                ("test".to_string(), 3),
+                ("train".to_string(), 10),
+                ("val".to_string(), 3)
+            ]
+        );
+        let all: BTreeSet<&String> = a.groups.values().flatten().collect();
+        assert_eq!(all.len(), 16, "groups are disjoint");
+        // Every input item is passed through by reference, none copied.
+        assert_eq!(a.items.len(), 20);
+        for (id, src) in &a.items {
+            assert!(
+                matches!(src, ItemSource::Existing(h) if *h == format!("h{id}")),
+                "{id}: {src:?}"
+            );
+        }
+        let b = split(
+            json!({"counts": {"val": 3, "test": 3, "train": 10}, "seed": 7}),
+            20,
+        )
+        .unwrap();
+        assert_eq!(
+            a.groups, b.groups,
+            "same seed, same groups, whatever the key order"
+        );
+        let c = split(
+            json!({"counts": {"train": 10, "val": 3, "test": 3}, "seed": 8}),
+            20,
+        )
+        .unwrap();
+        assert_ne!(a.groups, c.groups, "another seed shuffles differently");
+        // Not just the first ids in order: the shuffle moved something.
+        let train = &a.groups["train"];
+        assert_ne!(
+            train,
+            &(0..10).map(|i| format!("case{i:03}")).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn r4_split_by_explicit_cases_and_its_errors() {
+        let s = split(
+            json!({"cases": {"val": ["case004", "case001"], "train": ["case000", "case002"]}}),
+            5,
+        )
+        .unwrap();
+        assert_eq!(s.groups["val"], ["case001", "case004"]);
+        assert_eq!(s.groups["train"], ["case000", "case002"]);
+        let e = split(json!({"cases": {"val": ["case009"]}}), 5).unwrap_err();
+        assert!(
+            e.contains("cases.val: case `case009` is not in the input"),
+            "{e}"
+        );
+        let e = split(json!({"cases": {"a": ["case001"], "b": ["case001"]}}), 5).unwrap_err();
+        assert!(e.contains("case `case001` is in both `a` and `b`"), "{e}");
+        let e = split(json!({"counts": {"train": 4, "test": 2}}), 5).unwrap_err();
+        assert!(
+            e.contains("counts ask for 6 cases (test 2, train 4) but the input has 5"),
+            "{e}"
+        );
+        let e = split(json!({"counts": {"train": 2}, "cases": {"val": []}}), 5).unwrap_err();
+        assert!(e.contains("exactly one of `counts` and `cases`"), "{e}");
+        let e = split(json!({"counts": {"train": -1}}), 5).unwrap_err();
+        assert!(
+            e.contains("counts.train") && e.contains("expected a count"),
+            "{e}"
+        );
+        let e = split(json!({"count": {"train": 1}}), 5).unwrap_err();
+        assert!(e.contains("unknown field `count`"), "{e}");
+    }
+
+    #[test]
+    fn r4_resample_step_matches_monai_and_records_the_source_grid() {
+        let d = scratch("volume-step-resample");
+        let item = d.join("in");
+        fs_err::create_dir_all(&item).unwrap();
+        fs_err::copy(
+            vdir().join("parity/input_image.nii.gz"),
+            item.join("image.nii.gz"),
+        )
+        .unwrap();
+        fs_err::copy(
+            vdir().join("parity/input_label.nii.gz"),
+            item.join("label.nii.gz"),
+        )
+        .unwrap();
+        let out = d.join("out");
+        run_item(
+            "resample",
+            json!({"spacing": [1.5, 1.5, 2.0]}),
+            "c1",
+            &item,
+            &out,
+        )
+        .unwrap();
+        let exp = fixture_json("parity_expected.json");
+        let img = nifti::read(out.join("image.nii.gz")).unwrap();
+        let lab = nifti::read(out.join("label.nii.gz")).unwrap();
+        let monai_img = nifti::read(vdir().join("parity/monai_image.nii.gz")).unwrap();
+        let monai_lab = nifti::read(vdir().join("parity/monai_label.nii.gz")).unwrap();
+        assert_eq!(img.shape, monai_img.shape);
+        super::assert_affine_close(
+            &img.affine,
+            &affine_of(&exp["monai_affine"]),
+            1e-5,
+            "step output affine",
+        );
+        assert_eq!(axcodes(&img.affine).unwrap(), ['R', 'A', 'S']);
+        assert_eq!(lab.data.dtype().name(), "uint8", "labels keep their dtype");
+        assert!(mean_abs_diff(&img.data.to_f32(), &monai_img.data.to_f32()) < 1.0);
+        assert!(agreement(&lab.data.to_labels(), &monai_lab.data.to_labels()) >= 0.999);
+        // grid.json maps predictions back onto the LPS input grid.
+        let src = tsdistill::steps::resample::source_grid(&out).unwrap();
+        let orig = nifti::read(item.join("label.nii.gz")).unwrap();
+        assert_eq!(src.shape, orig.shape);
+        super::assert_affine_close(&src.affine, &orig.affine, 1e-9, "source grid");
+        let back = to_original_grid(&lab, &src).unwrap();
+        assert!(agreement(&back.data.to_labels(), &orig.data.to_labels()) > 0.99);
+
+        // Nearest for the image on request: values stay the input's integers.
+        let out2 = d.join("out2");
+        run_item(
+            "resample",
+            json!({"spacing": [1.5, 1.5, 2.0], "interpolation": {"image": "nearest"}}),
+            "c1",
+            &item,
+            &out2,
+        )
+        .unwrap();
+        let img2 = nifti::read(out2.join("image.nii.gz")).unwrap();
+        assert_eq!(img2.data.dtype().name(), "int16");
+    }
+
+    #[test]
+    fn r4_resample_step_crops_foreground_and_rejects_mismatched_labels() {
+        let d = scratch("volume-step-crop");
+        let item = d.join("in");
+        fs_err::create_dir_all(&item).unwrap();
+        fs_err::copy(
+            vdir().join("parity/input_image.nii.gz"),
+            item.join("image.nii.gz"),
+        )
+        .unwrap();
+        fs_err::copy(
+            vdir().join("parity/input_label.nii.gz"),
+            item.join("label.nii.gz"),
+        )
+        .unwrap();
+        let out = d.join("out");
+        run_item(
+            "resample",
+            json!({"spacing": [1.5, 1.5, 2.0], "crop_foreground": {}}),
+            "c1",
+            &item,
+            &out,
+        )
+        .unwrap();
+        let full = nifti::read(vdir().join("parity/monai_image.nii.gz")).unwrap();
+        let img = nifti::read(out.join("image.nii.gz")).unwrap();
+        assert!(
+            img.len() < full.len(),
+            "the air around the body is cut: {:?} vs {:?}",
+            img.shape,
+            full.shape
+        );
+        // The body (HU > -175) is kept whole: every label voxel survives.
+        let lab = nifti::read(out.join("label.nii.gz")).unwrap();
+        let monai_lab = nifti::read(vdir().join("parity/monai_label.nii.gz")).unwrap();
+        let fg = |v: &tsdistill::volume::Volume| {
+            v.data.to_labels().iter().filter(|&&l| l > 0).count() as f64
+        };
+        assert!((fg(&lab) - fg(&monai_lab)).abs() / fg(&monai_lab) < 0.02);
+        let g: serde_json::Value =
+            serde_json::from_str(&fs_err::read_to_string(out.join("grid.json")).unwrap()).unwrap();
+        assert!(g["crop"]["lo"].is_array());
+
+        // A label on another grid is an error naming both files.
+        fs_err::copy(vdir().join("nifti/int16.nii.gz"), item.join("label.nii.gz")).unwrap();
+        let e = run_item(
+            "resample",
+            json!({"spacing": [1.5, 1.5, 2.0]}),
+            "c1",
+            &item,
+            &d.join("out3"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("case `c1`")
+                && e.contains("label.nii.gz")
+                && e.contains("image.nii.gz")
+                && e.contains("must match"),
+            "{e}"
+        );
+        let e = run_item(
+            "resample",
+            json!({"spacing": [1.5, 0.0, 2.0]}),
+            "c1",
+            &item,
+            &d.join("out4"),
+        )
+        .unwrap_err();
+        assert!(e.contains("spacing") && e.contains("positive"), "{e}");
+        let e = run_item(
+            "resample",
+            json!({"spacing": [1.5, 1.5, 2.0], "orientation": "RAX"}),
+            "c1",
+            &item,
+            &d.join("o5"),
+        )
+        .unwrap_err();
+        assert!(e.contains("invalid axis codes `RAX`"), "{e}");
+    }
+
+    #[test]
+    fn r4_phantom_step_writes_cases_nibabel_can_read() {
+        let out = scratch("volume-step-phantom");
+        let o = run_whole(
+            "phantom",
+            json!({"count": 3, "seed": 7}),
+            BTreeMap::new(),
+            &out,
+        )
+        .unwrap();
+        assert_eq!(
+            o.items.keys().collect::<Vec<_>>(),
+            ["case000", "case001", "case002"]
+        );
+        assert_eq!(o.meta["labels"]["1"], "spleen");
+        assert_eq!(o.meta["labels"]["13"], "adrenal_gland_left");
+        // The same voxels as the library path whose counts nibabel recorded.
+        let exp = fixture_json("phantom_expected.json");
+        for (id, src) in &o.items {
+            let ItemSource::Files(files) = src else {
+                panic!("{id}: {src:?}")
+            };
+            let lab = nifti::read(&files["label.nii.gz"]).unwrap();
+            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+            for l in lab.data.to_labels() {
+                *counts.entry(l.to_string()).or_default() += 1;
+            }
+            let want: BTreeMap<String, u64> = exp["cases"][id]["counts"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+                .collect();
+            assert_eq!(counts, want, "{id}");
+        }
+        let e = run_whole("phantom", json!({"count": 0}), BTreeMap::new(), &out).unwrap_err();
+        assert!(e.contains("count") && e.contains("expected 1–1000"), "{e}");
+    }
+
+    #[test]
+    fn r4_volume_step_kinds_are_registered_and_documented() {
+        for k in ["phantom", "resample", "split"] {
+            let kind = steps::find(k).unwrap_or_else(|| panic!("{k} not registered"));
+            assert!(
+                kind.doc().len() > 80 && !kind.doc().contains("todo"),
+                "{k}: doc"
+            );
+            assert!(!kind.params_doc().is_empty(), "{k}: params doc");
+        }
+        assert_eq!(steps::find("resample").unwrap().map_over(), Some("input"));
+    }
+}

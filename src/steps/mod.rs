@@ -14,13 +14,17 @@ use std::path::{Path, PathBuf};
 pub mod case_command;
 pub mod command;
 pub mod dataset;
+pub mod phantom;
+pub mod resample;
 mod shell;
 pub mod split;
 
 /// Every step kind the engine knows, in documentation order.
 pub static STEPS: &[&dyn StepKind] = &[
     &dataset::Dataset,
+    &phantom::Phantom,
     &split::Split,
+    &resample::Resample,
     &command::Command,
     &case_command::CaseCommand,
 ];
