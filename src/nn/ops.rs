@@ -1,0 +1,673 @@
+//! 3D layers that Candle 0.11 lacks, and the few element-wise layers whose Candle versions drop
+//! gradients: Conv3d (k3 s1 p1), 1×1×1 convolution, the k2 s2 patch embedding, ConvTranspose3d
+//! (k2 s2), non-affine InstanceNorm3d, LayerNorm with backward, LeakyReLU and exact GELU.
+//!
+//! Everything here is built from Candle tensor ops (so it runs on any device and has autograd),
+//! except the 3×3×3 convolution: it is computed on detached tensors by a [`Conv3dKernel`] and
+//! attached to the graph by a "gradient carrier" custom op whose backward calls the same kernel
+//! (`dx = conv(g, flip(W)ᵀ)`, `dW = g ⋆ x`). This keeps no per-tap intermediate alive for
+//! backward and lets a faster kernel replace [`Im2colConv3d`] without touching the model.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor, D};
+use std::sync::Arc;
+
+/// Variance epsilon of PyTorch's `nn.InstanceNorm3d` and `nn.LayerNorm` defaults.
+pub const NORM_EPS: f64 = 1e-5;
+
+/// Negative slope of MONAI's default UnetResBlock activation (dynunet_block.py, `act_name`).
+pub const LEAKY_SLOPE: f64 = 0.01;
+
+/// A 3×3×3, stride 1, zero-padding 1 convolution on detached tensors, in both directions needed by
+/// backward. Implementations must be pure functions of their inputs.
+pub trait Conv3dKernel: Send + Sync {
+    /// `y[b,o,p] = Σ_{i,k} w[o,i,k] · x[b,i,p+k-1]`: x `[B,Ci,D,H,W]`, w `[Co,Ci,3,3,3]` →
+    /// `[B,Co,D,H,W]`.
+    fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor>;
+
+    /// `dW[o,i,k] = Σ_{b,p} g[b,o,p] · x[b,i,p+k-1]`: x `[B,Ci,D,H,W]`, g `[B,Co,D,H,W]` →
+    /// `[Co,Ci,3,3,3]`.
+    fn grad_weight(&self, x: &Tensor, g: &Tensor) -> Result<Tensor>;
+}
+
+/// Chunked im2col + one matmul per chunk of output depth planes, written with Candle ops only
+/// (CPU and CUDA). The column buffer is bounded by [`Im2colConv3d::max_col_elems`].
+#[derive(Debug, Clone)]
+pub struct Im2colConv3d {
+    /// Upper bound on the number of elements of one im2col buffer (`B·Ci·27·planes·H·W`).
+    pub max_col_elems: usize,
+}
+
+impl Default for Im2colConv3d {
+    fn default() -> Self {
+        // 64 Mi floats = 256 MiB per buffer.
+        Self {
+            max_col_elems: 64 << 20,
+        }
+    }
+}
+
+impl Im2colConv3d {
+    /// Output depth planes per chunk for an input of `b·ci` channels over `h·w` pixels.
+    fn planes_per_chunk(&self, b: usize, ci: usize, h: usize, w: usize, d: usize) -> usize {
+        let per_plane = b * ci * 27 * h * w;
+        (self.max_col_elems / per_plane.max(1)).clamp(1, d)
+    }
+
+    /// im2col of output planes `d0..d0+n` of the zero-padded input `xp` `[B,Ci,D+2,H+2,W+2]`:
+    /// returns `[B, Ci·27, n·H·W]`, row `ci·27 + (kd·9 + kh·3 + kw)` (the order of
+    /// `w.reshape(Co, Ci·27)`).
+    fn columns(xp: &Tensor, d0: usize, n: usize, h: usize, w: usize) -> Result<Tensor> {
+        let (b, ci, _, _, _) = xp.dims5()?;
+        let slab = xp.narrow(2, d0, n + 2)?;
+        let mut taps = Vec::with_capacity(27);
+        for kd in 0..3 {
+            for kh in 0..3 {
+                for kw in 0..3 {
+                    // [B,Ci,n,H,W]
+                    let t = slab.narrow(2, kd, n)?.narrow(3, kh, h)?.narrow(4, kw, w)?;
+                    taps.push(t);
+                }
+            }
+        }
+        // 27 × [B,Ci,n,H,W] -> [B,Ci,27,n,H,W] -> [B,Ci·27,n·H·W]
+        Tensor::stack(&taps, 2)?.reshape((b, ci * 27, n * h * w))
+    }
+}
+
+impl Conv3dKernel for Im2colConv3d {
+    fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (b, ci, d, h, wd) = x.dims5()?;
+        let co = w.dim(0)?;
+        let xp = pad3(x)?;
+        // [Co,Ci,3,3,3] -> [Co, Ci·27]
+        let wm = w.reshape((co, ci * 27))?;
+        let step = self.planes_per_chunk(b, ci, h, wd, d);
+        let mut outs = Vec::new();
+        let mut d0 = 0;
+        while d0 < d {
+            let n = step.min(d - d0);
+            let col = Self::columns(&xp, d0, n, h, wd)?;
+            // [Co, Ci·27] × [B, Ci·27, n·H·W] -> [B, Co, n·H·W] -> [B,Co,n,H,W]
+            outs.push(wm.broadcast_matmul(&col)?.reshape((b, co, n, h, wd))?);
+            d0 += n;
+        }
+        if outs.len() == 1 {
+            Ok(outs.pop().expect("one chunk"))
+        } else {
+            Tensor::cat(&outs, 2)
+        }
+    }
+
+    fn grad_weight(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (b, ci, d, h, wd) = x.dims5()?;
+        let co = g.dim(1)?;
+        let xp = pad3(x)?;
+        let step = self.planes_per_chunk(b, ci, h, wd, d);
+        let mut acc: Option<Tensor> = None;
+        let mut d0 = 0;
+        while d0 < d {
+            let n = step.min(d - d0);
+            let col = Self::columns(&xp, d0, n, h, wd)?;
+            // [B,Co,n,H,W] -> [B, Co, n·H·W]
+            let gc = g.narrow(2, d0, n)?.reshape((b, co, n * h * wd))?;
+            // [B,Co,M] × [B,M,Ci·27] -> [B,Co,Ci·27] -> [Co,Ci·27]
+            let part = gc.matmul(&col.transpose(1, 2)?)?.sum(0)?;
+            acc = Some(match acc {
+                None => part,
+                Some(a) => (a + part)?,
+            });
+            d0 += n;
+        }
+        acc.expect("d > 0").reshape((co, ci, 3, 3, 3))
+    }
+}
+
+/// Zero-pads the three spatial dims of `[B,C,D,H,W]` by one voxel on each side.
+fn pad3(x: &Tensor) -> Result<Tensor> {
+    x.pad_with_zeros(2, 1, 1)?
+        .pad_with_zeros(3, 1, 1)?
+        .pad_with_zeros(4, 1, 1)
+}
+
+/// `W[o,i,kd,kh,kw] -> W'[i,o,2-kd,2-kh,2-kw]`: the kernel whose convolution with the output
+/// gradient gives the input gradient of a k3 s1 p1 convolution.
+fn flip_transpose(w: &Tensor) -> Result<Tensor> {
+    let (co, ci, _, _, _) = w.dims5()?;
+    // Flipping all three kernel dims reverses the flat tap index kd·9+kh·3+kw -> 26 - it.
+    let rev: Vec<u32> = (0..27u32).rev().collect();
+    let rev = Tensor::new(rev.as_slice(), w.device())?;
+    // [Co,Ci,27] -> flipped [Co,Ci,27] -> [Ci,Co,27] -> [Ci,Co,3,3,3]
+    w.reshape((co, ci, 27))?
+        .index_select(&rev, 2)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((ci, co, 3, 3, 3))
+}
+
+/// Custom op `(x, w, y) -> y` whose backward is the convolution's: it carries the detached
+/// result `y` of a [`Conv3dKernel`] into the autograd graph of `x` and `w`.
+struct Conv3dGrad {
+    kernel: Arc<dyn Conv3dKernel>,
+}
+
+impl Conv3dGrad {
+    fn check_layout(l: &Layout) -> Result<()> {
+        match l.contiguous_offsets() {
+            Some((0, _)) => Ok(()),
+            _ => candle_core::bail!("conv3d grad carrier: result must be contiguous from offset 0"),
+        }
+    }
+}
+
+impl CustomOp3 for Conv3dGrad {
+    fn name(&self) -> &'static str {
+        "conv3d-k3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::check_layout(ly)?;
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        ly: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::check_layout(ly)?;
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y_in: &Tensor,
+        _y_out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), g.detach().contiguous()?);
+        let dx = self.kernel.forward(&g, &flip_transpose(&w)?)?;
+        let dw = self.kernel.grad_weight(&x, &g)?;
+        Ok((Some(dx), Some(dw), None))
+    }
+}
+
+/// The kernel used by [`conv3d_k3`]: chunked im2col + matmul.
+pub fn default_conv3d_kernel() -> Arc<dyn Conv3dKernel> {
+    Arc::new(Im2colConv3d::default())
+}
+
+/// Conv3d, kernel 3, stride 1, padding 1, no bias, with autograd: x `[B,Ci,D,H,W]`,
+/// w `[Co,Ci,3,3,3]` → `[B,Co,D,H,W]`.
+pub fn conv3d_k3(x: &Tensor, w: &Tensor, kernel: &Arc<dyn Conv3dKernel>) -> Result<Tensor> {
+    let (_, ci, _, _, _) = x.dims5()?;
+    let (_, wci, kd, kh, kw) = w.dims5()?;
+    if wci != ci || (kd, kh, kw) != (3, 3, 3) {
+        candle_core::bail!(
+            "conv3d_k3: input {:?} does not fit weight {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let y = kernel.forward(&x.detach(), &w.detach())?.contiguous()?;
+    if !x.track_op() && !w.track_op() {
+        return Ok(y);
+    }
+    x.apply_op3(
+        w,
+        &y,
+        Conv3dGrad {
+            kernel: kernel.clone(),
+        },
+    )
+}
+
+/// 1×1×1 convolution: x `[B,Ci,D,H,W]`, w `[Co,Ci,1,1,1]`, optional bias `[Co]`.
+pub fn conv3d_1x1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, ci, d, h, wd) = x.dims5()?;
+    let co = w.dim(0)?;
+    // [Co,Ci,1,1,1] -> [Co,Ci]; [B,Ci,D,H,W] -> [B,Ci,M]
+    let y = w
+        .reshape((co, ci))?
+        .broadcast_matmul(&x.reshape((b, ci, d * h * wd))?)?;
+    let y = match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, co, 1))?)?,
+        None => y,
+    };
+    // [B,Co,M] -> [B,Co,D,H,W]
+    y.reshape((b, co, d, h, wd))
+}
+
+/// Conv3d with kernel 2 = stride 2 and bias (MONAI's PatchEmbed, patchembedding.py): since the
+/// patches do not overlap it is space-to-depth followed by a matmul. x `[B,Ci,D,H,W]` (even
+/// dims), w `[Co,Ci,2,2,2]`, bias `[Co]` → `[B,Co,D/2,H/2,W/2]`.
+pub fn patch_embed_k2(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, ci, d, h, wd) = x.dims5()?;
+    let co = w.dim(0)?;
+    let (d2, h2, w2) = (d / 2, h / 2, wd / 2);
+    // [B,Ci,D,H,W] -> [B,Ci,D/2,2,H/2,2,W/2,2] -> [B,D/2,H/2,W/2,Ci,2,2,2] -> [B,N,Ci·8]
+    let p = x
+        .reshape(vec![b, ci, d2, 2, h2, 2, w2, 2])?
+        .permute([0usize, 2, 4, 6, 1, 3, 5, 7])?
+        .contiguous()?
+        .reshape((b, d2 * h2 * w2, ci * 8))?;
+    // [Co,Ci,2,2,2] -> [Co,Ci·8]; [B,N,Ci·8] × [Ci·8,Co] -> [B,N,Co]
+    let y = p
+        .broadcast_matmul(&w.reshape((co, ci * 8))?.t()?)?
+        .broadcast_add(bias)?;
+    // [B,N,Co] -> [B,Co,N] -> [B,Co,D/2,H/2,W/2]
+    y.transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, co, d2, h2, w2))
+}
+
+/// ConvTranspose3d with kernel 2 = stride 2, no padding, no bias (MONAI's UnetrUpBlock): a matmul
+/// followed by depth-to-space. x `[B,Ci,D,H,W]`, w `[Ci,Co,2,2,2]` (PyTorch layout) →
+/// `[B,Co,2D,2H,2W]`.
+pub fn conv_transpose3d_k2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (b, ci, d, h, wd) = x.dims5()?;
+    let co = w.dim(1)?;
+    // [Ci,Co,2,2,2] -> [Ci,Co·8] -> [Co·8,Ci]
+    let wm = w.reshape((ci, co * 8))?.t()?;
+    // [Co·8,Ci] × [B,Ci,M] -> [B,Co·8,M]
+    let y = wm.broadcast_matmul(&x.reshape((b, ci, d * h * wd))?)?;
+    // [B,Co,2,2,2,D,H,W] -> [B,Co,D,2,H,2,W,2] -> [B,Co,2D,2H,2W]
+    y.reshape(vec![b, co, 2, 2, 2, d, h, wd])?
+        .permute([0usize, 1, 5, 2, 6, 3, 7, 4])?
+        .contiguous()?
+        .reshape((b, co, 2 * d, 2 * h, 2 * wd))
+}
+
+/// Non-affine InstanceNorm3d (PyTorch defaults: biased variance over D,H,W per (b,c), eps 1e-5,
+/// no running stats): x `[B,C,D,H,W]`.
+pub fn instance_norm3d(x: &Tensor) -> Result<Tensor> {
+    let (b, c, d, h, w) = x.dims5()?;
+    // [B,C,D,H,W] -> [B,C,M]
+    let xf = x.reshape((b, c, d * h * w))?;
+    let mean = xf.mean_keepdim(2)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(2)?;
+    let y = xc.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
+    y.reshape((b, c, d, h, w))
+}
+
+/// Layer normalisation over the last dim with optional affine parameters, built from tensor ops
+/// so that it has a backward (unlike `candle_nn::LayerNorm`'s fused fast path).
+pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let mut y = xc.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(w)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    Ok(y)
+}
+
+/// Affine LayerNorm over the last dim (`torch.nn.LayerNorm(dim)`, eps 1e-5), with backward.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    /// Wraps existing `[C]` weight and bias tensors.
+    pub fn new(weight: Tensor, bias: Tensor) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, Some(&self.weight), Some(&self.bias))
+    }
+}
+
+/// LeakyReLU with MONAI's slope 0.01: `max(x,0) + 0.01·min(x,0)`.
+pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::leaky_relu(x, LEAKY_SLOPE)
+}
+
+/// Exact (erf) GELU, as `torch.nn.GELU()`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// Softmax over the last dim with autograd (`candle_nn::ops::softmax_last_dim` has none).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        // Deterministic values in [-1, 1) from a small LCG (tests must not depend on a global RNG).
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn to5(t: &Tensor) -> Vec<Vec<Vec<Vec<Vec<f64>>>>> {
+        let dims = t.dims().to_vec();
+        let flat = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let mut out =
+            vec![vec![vec![vec![vec![0.0; dims[4]]; dims[3]]; dims[2]]; dims[1]]; dims[0]];
+        for (i, v) in flat.into_iter().enumerate() {
+            let mut r = i;
+            let mut ix = [0usize; 5];
+            for k in (0..5).rev() {
+                ix[k] = r % dims[k];
+                r /= dims[k];
+            }
+            out[ix[0]][ix[1]][ix[2]][ix[3]][ix[4]] = v;
+        }
+        out
+    }
+
+    /// Direct 3D convolution: stride 1, zero padding `pad`, kernel `k`.
+    fn naive_conv3d(x: &Tensor, w: &Tensor, pad: isize) -> Vec<f64> {
+        let (xv, wv) = (to5(x), to5(w));
+        let (b, ci, d, h, wd) = x.dims5().unwrap();
+        let (co, _, k, _, _) = w.dims5().unwrap();
+        let mut out = Vec::new();
+        for bb in 0..b {
+            for o in 0..co {
+                for z in 0..d {
+                    for y in 0..h {
+                        for xx in 0..wd {
+                            let mut acc = 0.0;
+                            for i in 0..ci {
+                                for a in 0..k {
+                                    for e in 0..k {
+                                        for f in 0..k {
+                                            let (pz, py, px) = (
+                                                z as isize + a as isize - pad,
+                                                y as isize + e as isize - pad,
+                                                xx as isize + f as isize - pad,
+                                            );
+                                            if pz < 0 || py < 0 || px < 0 {
+                                                continue;
+                                            }
+                                            let (pz, py, px) =
+                                                (pz as usize, py as usize, px as usize);
+                                            if pz >= d || py >= h || px >= wd {
+                                                continue;
+                                            }
+                                            acc += xv[bb][i][pz][py][px] * wv[o][i][a][e][f];
+                                        }
+                                    }
+                                }
+                            }
+                            out.push(acc);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn flat(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// Compares autograd gradients of `sum(f(inputs) * r)` with central finite differences at
+    /// every coordinate of every input (f64, tiny shapes).
+    fn check_grads(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor, tol: f64) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let r = randn(y.dims(), 99);
+        let loss = |ts: &[Tensor]| -> f64 {
+            (f(ts) * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let eps = 1e-5;
+        for (vi, v) in vars.iter().enumerate() {
+            let g = flat(grads.get(v.as_tensor()).expect("gradient exists"));
+            let base = flat(v.as_tensor());
+            for j in 0..base.len() {
+                let shifted = |delta: f64| {
+                    let mut vals = base.clone();
+                    vals[j] += delta;
+                    let t = Tensor::from_vec(vals, v.dims(), &Device::Cpu).unwrap();
+                    let mut args: Vec<Tensor> = inputs.to_vec();
+                    args[vi] = t;
+                    loss(&args)
+                };
+                let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+                assert!(
+                    (fd - g[j]).abs() <= tol * (1.0 + fd.abs()),
+                    "input {vi} coord {j}: autograd {} vs finite difference {fd}",
+                    g[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn conv3d_k3_matches_direct_convolution() {
+        let x = randn(&[2, 3, 4, 5, 3], 1);
+        let w = randn(&[4, 3, 3, 3, 3], 2);
+        let kernel = default_conv3d_kernel();
+        let y = conv3d_k3(&x, &w, &kernel).unwrap();
+        assert_eq!(y.dims(), &[2, 4, 4, 5, 3]);
+        assert!(max_diff(&flat(&y), &naive_conv3d(&x, &w, 1)) < 1e-12);
+        // A tiny column budget forces one depth plane per chunk.
+        let chunked: Arc<dyn Conv3dKernel> = Arc::new(Im2colConv3d { max_col_elems: 1 });
+        let y1 = conv3d_k3(&x, &w, &chunked).unwrap();
+        assert!(max_diff(&flat(&y1), &flat(&y)) < 1e-12);
+    }
+
+    #[test]
+    fn conv3d_k3_gradients_match_finite_differences() {
+        let x = randn(&[2, 2, 3, 3, 4], 3);
+        let w = randn(&[3, 2, 3, 3, 3], 4);
+        let chunked: Arc<dyn Conv3dKernel> = Arc::new(Im2colConv3d { max_col_elems: 1 });
+        for kernel in [default_conv3d_kernel(), chunked] {
+            check_grads(
+                &[x.clone(), w.clone()],
+                &|t| conv3d_k3(&t[0], &t[1], &kernel).unwrap(),
+                1e-6,
+            );
+        }
+    }
+
+    #[test]
+    fn conv3d_1x1_matches_direct_convolution_and_gradients() {
+        let x = randn(&[2, 3, 2, 3, 2], 5);
+        let w = randn(&[4, 3, 1, 1, 1], 6);
+        let b = randn(&[4], 7);
+        let y = conv3d_1x1(&x, &w, Some(&b)).unwrap();
+        let mut want = naive_conv3d(&x, &w, 0);
+        let bv = flat(&b);
+        let per = 2 * 3 * 2;
+        for (i, v) in want.iter_mut().enumerate() {
+            *v += bv[(i / per) % 4];
+        }
+        assert!(max_diff(&flat(&y), &want) < 1e-12);
+        check_grads(
+            &[x, w, b],
+            &|t| conv3d_1x1(&t[0], &t[1], Some(&t[2])).unwrap(),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn patch_embed_matches_strided_convolution() {
+        let x = randn(&[2, 2, 4, 2, 6], 8);
+        let w = randn(&[3, 2, 2, 2, 2], 9);
+        let b = randn(&[3], 10);
+        let y = patch_embed_k2(&x, &w, &b).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 2, 1, 3]);
+        // Stride-2 conv = stride-1 conv (no padding) sampled at even positions.
+        let full = naive_conv3d(&x, &w, 0);
+        // naive_conv3d keeps the input size (out-of-range taps are skipped).
+        let (fd, fh, fw) = (4, 2, 6);
+        let (xv, bv) = (to5(&y), flat(&b));
+        for bb in 0..2 {
+            for o in 0..3 {
+                for z in 0..2 {
+                    for yy in 0..1 {
+                        for xx in 0..3 {
+                            let idx = (((bb * 3 + o) * fd + 2 * z) * fh + 2 * yy) * fw + 2 * xx;
+                            let got = xv[bb][o][z][yy][xx];
+                            assert!((got - full[idx] - bv[o]).abs() < 1e-12);
+                        }
+                    }
+                }
+            }
+        }
+        check_grads(
+            &[x, w, b],
+            &|t| patch_embed_k2(&t[0], &t[1], &t[2]).unwrap(),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn conv_transpose_matches_scatter_definition() {
+        let x = randn(&[2, 3, 2, 1, 3], 11);
+        let w = randn(&[3, 2, 2, 2, 2], 12);
+        let y = conv_transpose3d_k2(&x, &w).unwrap();
+        assert_eq!(y.dims(), &[2, 2, 4, 2, 6]);
+        // y[b,o,2z+a,2y+e,2x+f] = Σ_i x[b,i,z,y,x] · w[i,o,a,e,f]
+        let (xv, wv, yv) = (to5(&x), to5(&w), to5(&y));
+        for b in 0..2 {
+            for o in 0..2 {
+                for z in 0..4 {
+                    for yy in 0..2 {
+                        for xx in 0..6 {
+                            let want: f64 = (0..3)
+                                .map(|i| {
+                                    xv[b][i][z / 2][yy / 2][xx / 2]
+                                        * wv[i][o][z % 2][yy % 2][xx % 2]
+                                })
+                                .sum();
+                            assert!((yv[b][o][z][yy][xx] - want).abs() < 1e-12);
+                        }
+                    }
+                }
+            }
+        }
+        check_grads(
+            &[x, w],
+            &|t| conv_transpose3d_k2(&t[0], &t[1]).unwrap(),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn instance_norm_normalises_each_channel_and_has_gradients() {
+        let x = randn(&[2, 3, 2, 3, 2], 13);
+        let y = instance_norm3d(&x).unwrap();
+        let yv = flat(&y);
+        let xv = flat(&x);
+        for ch in 0..6 {
+            let xs = &xv[ch * 12..(ch + 1) * 12];
+            let mean = xs.iter().sum::<f64>() / 12.0;
+            let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 12.0;
+            for k in 0..12 {
+                let want = (xs[k] - mean) / (var + 1e-5).sqrt();
+                assert!((yv[ch * 12 + k] - want).abs() < 1e-12);
+            }
+        }
+        check_grads(&[x], &|t| instance_norm3d(&t[0]).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn layer_norm_matches_definition_and_has_gradients() {
+        let x = randn(&[3, 2, 5], 14);
+        let w = randn(&[5], 15);
+        let b = randn(&[5], 16);
+        let y = layer_norm(&x, Some(&w), Some(&b)).unwrap();
+        let (xv, wv, bv, yv) = (flat(&x), flat(&w), flat(&b), flat(&y));
+        for row in 0..6 {
+            let xs = &xv[row * 5..(row + 1) * 5];
+            let mean = xs.iter().sum::<f64>() / 5.0;
+            let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 5.0;
+            for k in 0..5 {
+                let want = (xs[k] - mean) / (var + 1e-5).sqrt() * wv[k] + bv[k];
+                assert!((yv[row * 5 + k] - want).abs() < 1e-12);
+            }
+        }
+        check_grads(
+            &[x, w, b],
+            &|t| layer_norm(&t[0], Some(&t[1]), Some(&t[2])).unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn activations_match_definitions_and_have_gradients() {
+        let x = randn(&[17], 17);
+        let (l, g) = (flat(&leaky_relu(&x).unwrap()), flat(&gelu(&x).unwrap()));
+        for (i, v) in flat(&x).into_iter().enumerate() {
+            assert!((l[i] - if v > 0.0 { v } else { 0.01 * v }).abs() < 1e-15);
+            // GELU(x) = x·Φ(x) lies between min(x,0)-0.17 and max(x,0).
+            assert!(g[i] <= v.max(0.0) + 1e-12 && g[i] >= -0.17);
+        }
+        let one = Tensor::new(&[1.0f64], &Device::Cpu).unwrap();
+        // GELU(1) = Φ(1) = 0.8413447460685429 (exact erf form, not the tanh approximation).
+        assert!((flat(&gelu(&one).unwrap())[0] - 0.8413447460685429).abs() < 1e-12);
+        check_grads(&[x.clone()], &|t| gelu(&t[0]).unwrap(), 1e-6);
+        check_grads(
+            &[x.clone()],
+            &|t| softmax_last(&t[0].reshape((1, 17)).unwrap()).unwrap(),
+            1e-6,
+        );
+    }
+}
