@@ -790,8 +790,8 @@ mod steps {
 
     fn split(params: serde_json::Value, n: usize) -> Result<StepOutput, String> {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let out = scratch(&format!("volume-split-{n}"));
+        let k = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let out = scratch(&format!("volume-split-{k}"));
         run_whole(
             "split",
             params,

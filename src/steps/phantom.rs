@@ -64,6 +64,7 @@ impl PhantomParams {
             spacing: self.spacing,
             noise_hu: self.noise_hu,
             mixed_orientation: self.mixed_orientation,
+            jitter_grid: true,
         }
     }
 }

@@ -57,6 +57,9 @@ pub struct PhantomConfig {
     pub noise_hu: f64,
     /// Store some cases in a non-RAS orientation.
     pub mixed_orientation: bool,
+    /// Jitter grid size and spacing per case (off: exactly `shape` and
+    /// `spacing`, e.g. for benchmarks on a fixed grid).
+    pub jitter_grid: bool,
 }
 
 impl Default for PhantomConfig {
@@ -67,6 +70,7 @@ impl Default for PhantomConfig {
             spacing: [3.2, 3.2, 3.6],
             noise_hu: 12.0,
             mixed_orientation: true,
+            jitter_grid: true,
         }
     }
 }
@@ -568,18 +572,27 @@ pub fn case_orientation(cfg: &PhantomConfig, index: usize) -> &'static str {
 pub fn generate_case(cfg: &PhantomConfig, index: usize) -> PhantomCase {
     let mut rng = Rng::new(cfg.seed, index as u64);
     let anat = anatomy(&mut rng);
-    let spacing = [
-        cfg.spacing[0] * rng.range(0.95, 1.05),
-        0.0,
-        cfg.spacing[2] * rng.range(0.9, 1.1),
-    ];
-    let spacing = [spacing[0], spacing[0], spacing[2]]; // square pixels, as scanners
+    // Drawn even when unused, so `jitter_grid` changes nothing else.
+    let (sxy, sz) = (rng.range(0.95, 1.05), rng.range(0.9, 1.1));
     let jit = |n: usize, r: &mut Rng| ((n as f64) * r.range(0.94, 1.06)).round().max(8.0) as usize;
     let shape = [
         jit(cfg.shape[0], &mut rng),
         jit(cfg.shape[1], &mut rng),
         jit(cfg.shape[2], &mut rng),
     ];
+    let (spacing, shape) = if cfg.jitter_grid {
+        // Square pixels, as scanners make them.
+        (
+            [
+                cfg.spacing[0] * sxy,
+                cfg.spacing[0] * sxy,
+                cfg.spacing[2] * sz,
+            ],
+            shape,
+        )
+    } else {
+        (cfg.spacing, cfg.shape)
+    };
     // Field of view: centred on the body in-plane (± a few cm), and on the
     // upper abdomen in z (kidneys to liver dome).
     let centre = [
