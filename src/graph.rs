@@ -40,19 +40,30 @@ impl StepGraph {
             }
         }
         let order = match toposort(&graph, None) {
-            Ok(o) => o.into_iter().map(|n| graph[n]).collect(),
+            Ok(_) => declaration_order(&graph, &nodes),
             Err(c) => {
-                let cycle = find_cycle(&graph, c.node_id());
+                let mut cycle = find_cycle(&graph, c.node_id());
+                // Start at the step declared first: stable, and easy to find.
+                let first = (0..cycle.len()).min_by_key(|&k| cycle[k]).unwrap_or(0);
+                cycle.rotate_left(first);
                 let names: Vec<&str> = cycle.iter().map(|&i| p.steps[i].name.as_str()).collect();
                 let first = &p.steps[cycle[0]];
                 return Err(PipelineError::at(
                     first.location.clone(),
-                    format!("the steps form a cycle: {} → {}", names.join(" → "), names[0]),
+                    format!(
+                        "the steps form a cycle: {} → {}",
+                        names.join(" → "),
+                        names[0]
+                    ),
                 )
                 .with_hint("a step cannot depend, directly or through others, on its own output"));
             }
         };
-        Ok(StepGraph { graph, nodes, order })
+        Ok(StepGraph {
+            graph,
+            nodes,
+            order,
+        })
     }
 
     /// Step indices, inputs before the steps that read them.
@@ -107,7 +118,11 @@ impl StepGraph {
                     let mut ins: Vec<String> = Vec::new();
                     for (slot, refs) in &s.inputs {
                         for r in refs {
-                            let g = r.group.as_ref().map(|g| format!(".{g}")).unwrap_or_default();
+                            let g = r
+                                .group
+                                .as_ref()
+                                .map(|g| format!(".{g}"))
+                                .unwrap_or_default();
                             ins.push(format!("{slot}: {}{g}", r.step));
                         }
                     }
@@ -129,8 +144,16 @@ impl StepGraph {
                     ));
                 }
                 for e in self.graph.edge_references() {
-                    let (a, b) = (&p.steps[self.graph[e.source()]], &p.steps[self.graph[e.target()]]);
-                    out.push_str(&format!("  \"{}\" -> \"{}\" [label=\"{}\"];\n", a.name, b.name, e.weight()));
+                    let (a, b) = (
+                        &p.steps[self.graph[e.source()]],
+                        &p.steps[self.graph[e.target()]],
+                    );
+                    out.push_str(&format!(
+                        "  \"{}\" -> \"{}\" [label=\"{}\"];\n",
+                        a.name,
+                        b.name,
+                        e.weight()
+                    ));
                 }
                 out.push_str("}\n");
             }
@@ -139,7 +162,12 @@ impl StepGraph {
                 let id = |i: usize| format!("s{i}");
                 for &i in &self.order {
                     let s = &p.steps[i];
-                    out.push_str(&format!("  {}[\"{}<br/>({})\"]\n", id(i), s.name, s.kind.name()));
+                    out.push_str(&format!(
+                        "  {}[\"{}<br/>({})\"]\n",
+                        id(i),
+                        s.name,
+                        s.kind.name()
+                    ));
                 }
                 for e in self.graph.edge_references() {
                     out.push_str(&format!(
@@ -153,6 +181,29 @@ impl StepGraph {
         }
         out
     }
+}
+
+/// Topological order that keeps declaration order wherever the edges allow
+/// (Kahn's algorithm, always taking the earliest-declared ready step).
+fn declaration_order(g: &DiGraph<usize, String>, nodes: &[NodeIndex]) -> Vec<usize> {
+    let mut indeg: Vec<usize> = nodes
+        .iter()
+        .map(|&n| g.neighbors_directed(n, Direction::Incoming).count())
+        .collect();
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..nodes.len()).filter(|&i| indeg[i] == 0).collect();
+    let mut out = Vec::with_capacity(nodes.len());
+    while let Some(i) = ready.pop_first() {
+        out.push(i);
+        for m in g.neighbors_directed(nodes[i], Direction::Outgoing) {
+            let j = g[m];
+            indeg[j] -= 1;
+            if indeg[j] == 0 {
+                ready.insert(j);
+            }
+        }
+    }
+    out
 }
 
 /// Finds one cycle through `start` (which toposort reported), as step indices.

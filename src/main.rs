@@ -19,7 +19,10 @@ struct Failure {
 }
 
 fn user(message: impl std::fmt::Display) -> Failure {
-    Failure { code: 1, message: message.to_string() }
+    Failure {
+        code: 1,
+        message: message.to_string(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -40,13 +43,24 @@ fn load(p: &PipelineArgs) -> Result<Pipeline, Failure> {
 }
 
 fn open_store(cli: &Cli) -> Result<Store, Failure> {
-    Store::open(&cli.cache).map_err(|e| Failure { code: 2, message: format!("cannot open the cache: {e}") })
+    Store::open(&cli.cache).map_err(|e| Failure {
+        code: 2,
+        message: format!("cannot open the cache: {e}"),
+    })
 }
 
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let cancel = CancelToken::default();
     match &cli.command {
-        Cmd::Run { p, dry_run, force, jobs, step, quiet, links } => {
+        Cmd::Run {
+            p,
+            dry_run,
+            force,
+            jobs,
+            step,
+            quiet,
+            links,
+        } => {
             let pl = load(p)?;
             let store = open_store(&cli)?;
             let engine = Engine::new(&store, &pl, cancel.clone()).map_err(user)?;
@@ -92,7 +106,10 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             match r.status.as_str() {
                 "ok" => Ok(ExitCode::SUCCESS),
-                "interrupted" => Err(Failure { code: 130, message: "interrupted".into() }),
+                "interrupted" => Err(Failure {
+                    code: 130,
+                    message: "interrupted".into(),
+                }),
                 _ => Err(user("some steps failed (see above)")),
             }
         }
@@ -145,7 +162,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     n(S::Ran),
                     n(S::Cached),
                     n(S::Failed),
-                    if r.overrides.is_empty() { String::new() } else { format!("  --set {}", r.overrides.join(" --set ")) },
+                    if r.overrides.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  --set {}", r.overrides.join(" --set "))
+                    },
                     if r.keep { "  (kept)" } else { "" }
                 );
             }
@@ -156,7 +177,10 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let dir = store.root().join("runs-v1");
             let ra = RunRecord::find(&dir, a).map_err(user)?;
             let rb = RunRecord::find(&dir, b).map_err(user)?;
-            print!("{}", tsdistill::report::Comparison::new(&ra, &rb).render(*format));
+            print!(
+                "{}",
+                tsdistill::report::Comparison::new(&ra, &rb).render(*format)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Gc { dry_run } => {
@@ -180,15 +204,25 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Cmd::Verify => {
             let store = open_store(&cli)?;
-            let r = store.verify().map_err(|e| Failure { code: 2, message: e.to_string() })?;
+            let r = store.verify().map_err(|e| Failure {
+                code: 2,
+                message: e.to_string(),
+            })?;
             for (h, why) in &r.quarantined {
                 println!("corrupt {h}: {why} (quarantined; the next run recomputes it)");
             }
-            println!("checked {} objects, {} corrupt", r.checked, r.quarantined.len());
+            println!(
+                "checked {} objects, {} corrupt",
+                r.checked,
+                r.quarantined.len()
+            );
             if r.quarantined.is_empty() {
                 Ok(ExitCode::SUCCESS)
             } else {
-                Err(Failure { code: 1, message: String::new() })
+                Err(Failure {
+                    code: 1,
+                    message: String::new(),
+                })
             }
         }
         Cmd::Steps => {

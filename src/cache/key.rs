@@ -80,7 +80,11 @@ pub fn flatten(v: &Value) -> BTreeMap<String, Value> {
         match v {
             Value::Object(m) if !m.is_empty() => {
                 for (k, x) in m {
-                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     go(&p, x, out);
                 }
             }

@@ -39,9 +39,15 @@ impl LockFile {
     pub fn load(path: &Path) -> Result<Self, String> {
         match fs_err::read(path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                format!("`{}`: corrupt lock file ({e}); delete it to start afresh", path.display())
+                format!(
+                    "`{}`: corrupt lock file ({e}); delete it to start afresh",
+                    path.display()
+                )
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LockFile { version: 1, ..Default::default() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LockFile {
+                version: 1,
+                ..Default::default()
+            }),
             Err(e) => Err(e.to_string()),
         }
     }

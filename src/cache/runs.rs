@@ -133,7 +133,9 @@ impl RunRecord {
         }
         if let Some(rest) = spec.strip_prefix("latest") {
             let back: usize = match rest.strip_prefix('~') {
-                Some(n) => n.parse().map_err(|_| format!("`{spec}`: expected latest~N"))?,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| format!("`{spec}`: expected latest~N"))?,
                 None if rest.is_empty() => 0,
                 None => return Err(format!("`{spec}`: expected latest or latest~N")),
             };

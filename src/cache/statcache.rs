@@ -37,7 +37,10 @@ pub struct StatCache {
 }
 
 fn now_ns() -> i128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
 }
 
 impl StatCache {
@@ -71,8 +74,15 @@ impl StatCache {
         }
         let hashed_at_ns = now_ns();
         let hash = super::hash::hash_file(&abs)?;
-        self.rehashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let entry = Entry { size: md.len(), mtime_ns, inode: md.ino(), hashed_at_ns, hash: hash.clone() };
+        self.rehashed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = Entry {
+            size: md.len(),
+            mtime_ns,
+            inode: md.ino(),
+            hashed_at_ns,
+            hash: hash.clone(),
+        };
         self.entries.lock().unwrap().insert(abs, entry);
         *self.dirty.lock().unwrap() = true;
         Ok(hash)

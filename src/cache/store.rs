@@ -50,7 +50,10 @@ pub enum StoreError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Result alias for the store.
@@ -82,7 +85,11 @@ pub fn unique_name() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{}-{t:x}-{}", std::process::id(), UNIQUE.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{t:x}-{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Writes a file atomically: a temporary beside it, then rename.
@@ -92,7 +99,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     let tmp = path.with_file_name(format!(
         ".{}.{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         unique_name()
     ));
     fs_err::write(&tmp, bytes)?;
@@ -144,7 +153,16 @@ pub struct GcReport {
 impl Store {
     /// Opens (creating) the store.
     pub fn open(root: &Path) -> StoreResult<Self> {
-        for d in ["objects-v1", "keys-v1", "items-v1", "leases", "work", "tmp", "runs-v1", "roots-v1"] {
+        for d in [
+            "objects-v1",
+            "keys-v1",
+            "items-v1",
+            "leases",
+            "work",
+            "tmp",
+            "runs-v1",
+            "roots-v1",
+        ] {
             let p = root.join(d);
             fs_err::create_dir_all(&p).map_err(io_err(&p))?;
         }
@@ -171,15 +189,20 @@ impl Store {
     pub fn manifest(&self, hash: &str) -> StoreResult<Manifest> {
         let path = self.object_dir(hash).join("manifest.json");
         let bytes = fs_err::read(&path).map_err(io_err(&path))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| StoreError::Manifest { path: path.clone(), message: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Manifest {
+            path: path.clone(),
+            message: e.to_string(),
+        })
     }
 
     /// A new staging directory.
     pub fn staging(&self) -> StoreResult<Staging> {
         let dir = self.root.join("tmp").join(unique_name());
         fs_err::create_dir_all(&dir).map_err(io_err(&dir))?;
-        Ok(Staging { dir, committed: false })
+        Ok(Staging {
+            dir,
+            committed: false,
+        })
     }
 
     /// Hashes the staged files, writes the manifest and renames the
@@ -224,12 +247,21 @@ impl Store {
     fn get_entry(&self, table: &str, key: &str) -> Option<KeyEntry> {
         let bytes = fs_err::read(self.entry_path(table, key)).ok()?;
         let e: KeyEntry = serde_json::from_slice(&bytes).ok()?;
-        self.has_object(&e.output).then_some(e)
+        self.is_complete(&e.output).then_some(e)
+    }
+
+    /// An object is usable when it and all its items are present.
+    pub fn is_complete(&self, hash: &str) -> bool {
+        match self.manifest(hash) {
+            Ok(m) => m.items.values().all(|h| self.has_object(h)),
+            Err(_) => false,
+        }
     }
 
     fn put_entry(&self, table: &str, key: &str, e: &KeyEntry) -> StoreResult<()> {
         let path = self.entry_path(table, key);
-        write_atomic(&path, &serde_json::to_vec_pretty(e).expect("serialises")).map_err(io_err(&path))
+        write_atomic(&path, &serde_json::to_vec_pretty(e).expect("serialises"))
+            .map_err(io_err(&path))
     }
 
     /// The output of a step key, if computed and still present.
@@ -319,14 +351,34 @@ impl Store {
     /// run recomputes them.
     pub fn verify(&self) -> StoreResult<VerifyReport> {
         let mut report = VerifyReport::default();
-        for hash in self.objects() {
-            report.checked += 1;
-            if let Err(reason) = self.check_object(&hash) {
+        let quarantine =
+            |hash: &str, reason: String, report: &mut VerifyReport| -> StoreResult<()> {
                 let q = self.root.join("quarantine");
                 fs_err::create_dir_all(&q).map_err(io_err(&q))?;
                 let dest = q.join(format!("{hash}-{}", unique_name()));
-                fs_err::rename(self.object_dir(&hash), &dest).map_err(io_err(&dest))?;
-                report.quarantined.push((hash, reason));
+                fs_err::rename(self.object_dir(hash), &dest).map_err(io_err(&dest))?;
+                report.quarantined.push((hash.to_string(), reason));
+                Ok(())
+            };
+        for hash in self.objects() {
+            report.checked += 1;
+            if let Err(reason) = self.check_object(&hash) {
+                quarantine(&hash, reason, &mut report)?;
+            }
+        }
+        // Collections whose items were just quarantined are incomplete too.
+        loop {
+            let mut changed = false;
+            for hash in self.objects() {
+                if let Ok(m) = self.manifest(&hash) {
+                    if let Some((case, _)) = m.items.iter().find(|(_, h)| !self.has_object(h)) {
+                        quarantine(&hash, format!("item `{case}` is missing"), &mut report)?;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
             }
         }
         Ok(report)
@@ -336,7 +388,10 @@ impl Store {
         let m = self.manifest(hash).map_err(|e| e.to_string())?;
         let expected = hash_json(&serde_json::to_value(&m).expect("serialises"));
         if expected != hash {
-            return Err(format!("manifest hashes to {}, not its name", &expected[..12]));
+            return Err(format!(
+                "manifest hashes to {}, not its name",
+                &expected[..12]
+            ));
         }
         let dir = self.object_dir(hash);
         let actual = hash_tree(&dir).map_err(|e| e.to_string())?;
@@ -349,11 +404,6 @@ impl Store {
         }
         if let Some(extra) = actual.keys().find(|f| !m.files.contains_key(*f)) {
             return Err(format!("unexpected file `{extra}`"));
-        }
-        for (case, item) in &m.items {
-            if !self.has_object(item) {
-                return Err(format!("item `{case}` ({}) is missing", &item[..12.min(item.len())]));
-            }
         }
         Ok(())
     }
@@ -374,7 +424,11 @@ impl Store {
 
     /// Removes every object not reachable from `roots`, and the key entries,
     /// leases and work directories that point at nothing live.
-    pub fn gc(&self, roots: impl IntoIterator<Item = String>, dry_run: bool) -> StoreResult<GcReport> {
+    pub fn gc(
+        &self,
+        roots: impl IntoIterator<Item = String>,
+        dry_run: bool,
+    ) -> StoreResult<GcReport> {
         let live = self.reachable(roots);
         let mut report = GcReport::default();
         for hash in self.objects() {
@@ -392,7 +446,11 @@ impl Store {
             }
         }
         for table in ["keys-v1", "items-v1"] {
-            for e in std::fs::read_dir(self.root.join(table)).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(self.root.join(table))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let keep = fs_err::read(e.path())
                     .ok()
                     .and_then(|b| serde_json::from_slice::<KeyEntry>(&b).ok())
@@ -408,8 +466,13 @@ impl Store {
         if !dry_run {
             // Nothing runs while gc holds the exclusive lock: leftovers are garbage.
             for d in ["tmp", "leases"] {
-                for e in std::fs::read_dir(self.root.join(d)).into_iter().flatten().flatten() {
-                    let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+                for e in std::fs::read_dir(self.root.join(d))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let _ = std::fs::remove_dir_all(e.path())
+                        .or_else(|_| std::fs::remove_file(e.path()));
                 }
             }
         }
@@ -429,7 +492,11 @@ pub fn hash_tree(dir: &Path) -> StoreResult<BTreeMap<String, String>> {
             if ft.is_dir() {
                 stack.push(p);
             } else {
-                let rel = p.strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
+                let rel = p
+                    .strip_prefix(dir)
+                    .expect("under dir")
+                    .to_string_lossy()
+                    .into_owned();
                 if rel == "manifest.json" {
                     continue;
                 }

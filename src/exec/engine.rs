@@ -46,7 +46,12 @@ pub struct RunSummary {
 impl RunSummary {
     /// Steps with the given status.
     pub fn with_status(&self, s: StepStatus) -> Vec<String> {
-        self.record.steps.iter().filter(|(_, r)| r.status == s).map(|(n, _)| n.clone()).collect()
+        self.record
+            .steps
+            .iter()
+            .filter(|(_, r)| r.status == s)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
     /// Whether every selected step succeeded.
     pub fn ok(&self) -> bool {
@@ -80,10 +85,20 @@ pub struct Engine<'a> {
 
 impl<'a> Engine<'a> {
     /// Prepares to run `pipeline` on `store`.
-    pub fn new(store: &'a Store, pipeline: &'a Pipeline, cancel: CancelToken) -> Result<Self, String> {
+    pub fn new(
+        store: &'a Store,
+        pipeline: &'a Pipeline,
+        cancel: CancelToken,
+    ) -> Result<Self, String> {
         let graph = StepGraph::build(pipeline).map_err(|e| e.to_string())?;
         let stat = StatCache::open(&store.root().join("stat-v1.json"));
-        Ok(Engine { store, pipeline, graph, stat, cancel })
+        Ok(Engine {
+            store,
+            pipeline,
+            graph,
+            stat,
+            cancel,
+        })
     }
 
     /// Files a step reads from the workspace, hashed (stat cache).
@@ -94,9 +109,16 @@ impl<'a> Engine<'a> {
             let is_glob = pattern.contains(['*', '?', '[']);
             if !is_glob {
                 if !full.is_file() {
-                    return Err(format!("step `{}`: file `{}` does not exist", step.name, full.display()));
+                    return Err(format!(
+                        "step `{}`: file `{}` does not exist",
+                        step.name,
+                        full.display()
+                    ));
                 }
-                out.insert(pattern.clone(), self.stat.hash(&full).map_err(|e| e.to_string())?);
+                out.insert(
+                    pattern.clone(),
+                    self.stat.hash(&full).map_err(|e| e.to_string())?,
+                );
                 continue;
             }
             let paths = glob::glob(&full.to_string_lossy())
@@ -107,7 +129,10 @@ impl<'a> Engine<'a> {
                     continue;
                 }
                 let rel = p.strip_prefix(&self.pipeline.workspace).unwrap_or(&p);
-                out.insert(rel.to_string_lossy().into_owned(), self.stat.hash(&p).map_err(|e| e.to_string())?);
+                out.insert(
+                    rel.to_string_lossy().into_owned(),
+                    self.stat.hash(&p).map_err(|e| e.to_string())?,
+                );
             }
         }
         Ok(out)
@@ -126,7 +151,11 @@ impl<'a> Engine<'a> {
                 let hash = outputs
                     .get(&r.step)
                     .ok_or_else(|| format!("input `{}` has no output yet", r.step))?;
-                v.push(InputHash { step: r.step.clone(), group: r.group.clone(), hash: hash.clone() });
+                v.push(InputHash {
+                    step: r.step.clone(),
+                    group: r.group.clone(),
+                    hash: hash.clone(),
+                });
             }
             inputs.insert(slot.clone(), v);
         }
@@ -157,12 +186,17 @@ impl<'a> Engine<'a> {
                         .groups
                         .get(g)
                         .ok_or_else(|| {
-                            let have: Vec<&str> = manifest.groups.keys().map(String::as_str).collect();
+                            let have: Vec<&str> =
+                                manifest.groups.keys().map(String::as_str).collect();
                             format!(
                                 "`{}`: step `{}` has no group `{g}` (its groups: {})",
                                 r.text,
                                 r.step,
-                                if have.is_empty() { "none".to_string() } else { have.join(", ") }
+                                if have.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    have.join(", ")
+                                }
                             )
                         })?
                         .iter()
@@ -171,7 +205,10 @@ impl<'a> Engine<'a> {
                 let mut items = BTreeMap::new();
                 for id in ids {
                     let item = manifest.items.get(id).ok_or_else(|| {
-                        format!("`{}`: group lists case `{id}`, which `{}` does not hold", r.text, r.step)
+                        format!(
+                            "`{}`: group lists case `{id}`, which `{}` does not hold",
+                            r.text, r.step
+                        )
                     })?;
                     items.insert(id.clone(), self.store.object_dir(item));
                 }
@@ -188,7 +225,9 @@ impl<'a> Engine<'a> {
     }
 
     fn forced(&self, step: &StepInstance, opts: &RunOptions) -> bool {
-        opts.force.iter().any(|f| *f == step.name || *f == step.base)
+        opts.force
+            .iter()
+            .any(|f| *f == step.name || *f == step.base)
     }
 
     /// Runs one step (cache lookup, lease, compute, commit).
@@ -227,7 +266,8 @@ impl<'a> Engine<'a> {
         let inputs = self.input_artifacts(step, outputs)?;
         let (output, metrics, items) = match step.kind.map_over() {
             Some(slot) => {
-                let (o, computed, total) = self.run_map(step, slot, &components, &inputs, force, opts, progress)?;
+                let (o, computed, total) =
+                    self.run_map(step, slot, &components, &inputs, force, opts, progress)?;
                 (o, BTreeMap::new(), Some((computed, total)))
             }
             None => {
@@ -236,7 +276,14 @@ impl<'a> Engine<'a> {
             }
         };
         self.store
-            .put_key(&key, &KeyEntry { output: output.clone(), step: step.name.clone(), metrics: metrics.clone() })
+            .put_key(
+                &key,
+                &KeyEntry {
+                    output: output.clone(),
+                    step: step.name.clone(),
+                    metrics: metrics.clone(),
+                },
+            )
             .map_err(|e| e.to_string())?;
         self.store.remove_work_dir(&key);
         Ok(done(output, StepStatus::Ran, metrics, items))
@@ -278,7 +325,9 @@ impl<'a> Engine<'a> {
             let hash = match src {
                 ItemSource::Existing(h) => {
                     if !self.store.has_object(&h) {
-                        return Err(format!("case `{case}`: item object {h} is not in the store"));
+                        return Err(format!(
+                            "case `{case}`: item object {h} is not in the store"
+                        ));
                     }
                     h
                 }
@@ -288,7 +337,10 @@ impl<'a> Engine<'a> {
                         let dest = item.path().join(&role);
                         fs_err::copy(&path, &dest).map_err(|e| format!("case `{case}`: {e}"))?;
                     }
-                    let m = Manifest { kind: "item".into(), ..Default::default() };
+                    let m = Manifest {
+                        kind: "item".into(),
+                        ..Default::default()
+                    };
                     self.store.commit(item, m).map_err(|e| e.to_string())?
                 }
             };
@@ -296,11 +348,22 @@ impl<'a> Engine<'a> {
         }
         for (g, ids) in &out.groups {
             if let Some(id) = ids.iter().find(|id| !items.contains_key(*id)) {
-                return Err(format!("group `{g}` lists case `{id}`, which the output does not hold"));
+                return Err(format!(
+                    "group `{g}` lists case `{id}`, which the output does not hold"
+                ));
             }
         }
-        let manifest = Manifest { kind: out.kind, files: Default::default(), items, groups: out.groups, meta: out.meta };
-        let hash = self.store.commit(staging, manifest).map_err(|e| e.to_string())?;
+        let manifest = Manifest {
+            kind: out.kind,
+            files: Default::default(),
+            items,
+            groups: out.groups,
+            meta: out.meta,
+        };
+        let hash = self
+            .store
+            .commit(staging, manifest)
+            .map_err(|e| e.to_string())?;
         Ok((hash, metrics))
     }
 
@@ -319,8 +382,11 @@ impl<'a> Engine<'a> {
             Some([one]) => one,
             _ => return Err(format!("map input `{slot}` must be exactly one step")),
         };
-        let others: BTreeMap<String, Vec<InputArtifact>> =
-            inputs.iter().filter(|(s, _)| s.as_str() != slot).map(|(s, v)| (s.clone(), v.clone())).collect();
+        let others: BTreeMap<String, Vec<InputArtifact>> = inputs
+            .iter()
+            .filter(|(s, _)| s.as_str() != slot)
+            .map(|(s, v)| (s.clone(), v.clone()))
+            .collect();
         let mut results: BTreeMap<String, String> = BTreeMap::new();
         let mut todo: Vec<(String, String, PathBuf)> = Vec::new();
         for (case, dir) in &mapped.items {
@@ -366,14 +432,27 @@ impl<'a> Engine<'a> {
         }
         if !errors.is_empty() {
             errors.sort();
-            return Err(format!("{} of {} cases failed:\n  {}", errors.len(), todo.len(), errors.join("\n  ")));
+            return Err(format!(
+                "{} of {} cases failed:\n  {}",
+                errors.len(),
+                todo.len(),
+                errors.join("\n  ")
+            ));
         }
         // Groups carry through, restricted to the cases mapped.
         let groups = mapped
             .manifest
             .groups
             .iter()
-            .map(|(g, ids)| (g.clone(), ids.iter().filter(|i| results.contains_key(*i)).cloned().collect()))
+            .map(|(g, ids)| {
+                (
+                    g.clone(),
+                    ids.iter()
+                        .filter(|i| results.contains_key(*i))
+                        .cloned()
+                        .collect(),
+                )
+            })
             .collect();
         let m = Manifest {
             kind: step.kind.output_kind().to_string(),
@@ -417,10 +496,23 @@ impl<'a> Engine<'a> {
         }
         let hash = self
             .store
-            .commit(staging, Manifest { kind: "item".into(), ..Default::default() })
+            .commit(
+                staging,
+                Manifest {
+                    kind: "item".into(),
+                    ..Default::default()
+                },
+            )
             .map_err(|e| e.to_string())?;
         self.store
-            .put_item(ik, &KeyEntry { output: hash.clone(), step: step.name.clone(), metrics: Default::default() })
+            .put_item(
+                ik,
+                &KeyEntry {
+                    output: hash.clone(),
+                    step: step.name.clone(),
+                    metrics: Default::default(),
+                },
+            )
             .map_err(|e| e.to_string())?;
         Ok(hash)
     }
@@ -429,8 +521,13 @@ impl<'a> Engine<'a> {
     /// scheduler. Failures skip dependents; independent steps finish.
     pub fn run(&self, opts: &RunOptions) -> Result<RunSummary, String> {
         let p = self.pipeline;
-        let _gc = self.store.gc_lock(crate::cache::lock::LockMode::Shared).map_err(|e| e.to_string())?;
-        self.store.add_root(&p.lock_path()).map_err(|e| e.to_string())?;
+        let _gc = self
+            .store
+            .gc_lock(crate::cache::lock::LockMode::Shared)
+            .map_err(|e| e.to_string())?;
+        self.store
+            .add_root(&p.lock_path())
+            .map_err(|e| e.to_string())?;
         let reporter = Reporter::new(opts.quiet);
         for f in &opts.force {
             if !p.steps.iter().any(|s| s.name == *f || s.base == *f) {
@@ -449,7 +546,9 @@ impl<'a> Engine<'a> {
                     .collect();
                 if idx.is_empty() {
                     let names: Vec<&str> = p.steps.iter().map(|s| s.name.as_str()).collect();
-                    let hint = crate::pipeline::did_you_mean(name, names).map(|h| format!("; {h}")).unwrap_or_default();
+                    let hint = crate::pipeline::did_you_mean(name, names)
+                        .map(|h| format!("; {h}"))
+                        .unwrap_or_default();
                     return Err(format!("--step {name}: no such step{hint}"));
                 }
                 let mut sel = vec![false; p.steps.len()];
@@ -477,17 +576,20 @@ impl<'a> Engine<'a> {
                 .steps
                 .iter()
                 .map(|s| {
-                    (s.name.clone(), StepRecord {
-                        status: StepStatus::NotRun,
-                        kind: s.kind.name().into(),
-                        key: None,
-                        output: None,
-                        params: s.params.clone(),
-                        seconds: 0.0,
-                        items: None,
-                        metrics: Default::default(),
-                        error: None,
-                    })
+                    (
+                        s.name.clone(),
+                        StepRecord {
+                            status: StepStatus::NotRun,
+                            kind: s.kind.name().into(),
+                            key: None,
+                            output: None,
+                            params: s.params.clone(),
+                            seconds: 0.0,
+                            items: None,
+                            metrics: Default::default(),
+                            error: None,
+                        },
+                    )
                 })
                 .collect(),
             keep: false,
@@ -524,13 +626,21 @@ impl<'a> Engine<'a> {
                         if state[i] != State::Waiting {
                             continue;
                         }
-                        let ready = self.graph.inputs_of(i).iter().all(|&j| state[j] == State::Finished);
+                        let ready = self
+                            .graph
+                            .inputs_of(i)
+                            .iter()
+                            .all(|&j| state[j] == State::Finished);
                         if !ready {
                             continue;
                         }
                         let step = &p.steps[i];
                         let res = step.kind.resources(&step.params);
-                        let want = if step.kind.map_over().is_some() { total_slots } else { res.threads.clamp(1, total_slots) };
+                        let want = if step.kind.map_over().is_some() {
+                            total_slots
+                        } else {
+                            res.threads.clamp(1, total_slots)
+                        };
                         if want > free_slots || (res.gpu && !gpu_free) {
                             continue;
                         }
@@ -564,27 +674,53 @@ impl<'a> Engine<'a> {
                     gpu_free = true;
                 }
                 let step = &p.steps[i];
-                let rec = record.steps.get_mut(&step.name).expect("every step has a record");
+                let rec = record
+                    .steps
+                    .get_mut(&step.name)
+                    .expect("every step has a record");
                 match result {
                     Ok(d) => {
                         state[i] = State::Finished;
                         outputs.insert(step.name.clone(), d.output.clone());
-                        let verb = if d.status == StepStatus::Cached { "Fresh" } else { "Finished" };
+                        let verb = if d.status == StepStatus::Cached {
+                            "Fresh"
+                        } else {
+                            "Finished"
+                        };
                         let items = match d.items {
                             Some((c, t)) => format!(", {c} of {t} cases computed"),
                             None => String::new(),
                         };
-                        let time = if d.status == StepStatus::Ran { format!(" in {:.2}s", d.seconds) } else { String::new() };
-                        reporter.line(verb, &format!("{} ({}){time}{items}", step.name, step.kind.name()));
-                        LockFile::update(&lock_path, &step.name, LockEntry {
-                            key: d.key.clone(),
-                            components: d.components.clone(),
-                            output: d.output.clone(),
-                            metrics: d.metrics.clone(),
-                        })?;
+                        let time = if d.status == StepStatus::Ran {
+                            format!(" in {:.2}s", d.seconds)
+                        } else {
+                            String::new()
+                        };
+                        reporter.line(
+                            verb,
+                            &format!("{} ({}){time}{items}", step.name, step.kind.name()),
+                        );
+                        LockFile::update(
+                            &lock_path,
+                            &step.name,
+                            LockEntry {
+                                key: d.key.clone(),
+                                components: d.components.clone(),
+                                output: d.output.clone(),
+                                metrics: d.metrics.clone(),
+                            },
+                        )?;
                         if let Some(dir) = &opts.link_dir {
-                            if let Err(e) = super::links::link_output(self.store, &dir.join(&p.name), &step.name, &d.output) {
-                                reporter.line("Warning", &format!("could not link output of {}: {e}", step.name));
+                            if let Err(e) = super::links::link_output(
+                                self.store,
+                                &dir.join(&p.name),
+                                &step.name,
+                                &d.output,
+                            ) {
+                                reporter.line(
+                                    "Warning",
+                                    &format!("could not link output of {}: {e}", step.name),
+                                );
                             }
                         }
                         rec.status = d.status;
@@ -596,7 +732,10 @@ impl<'a> Engine<'a> {
                     }
                     Err(e) => {
                         state[i] = State::Failed;
-                        reporter.line("Failed", &format!("{} ({}): {e}", step.name, step.kind.name()));
+                        reporter.line(
+                            "Failed",
+                            &format!("{} ({}): {e}", step.name, step.kind.name()),
+                        );
                         rec.status = StepStatus::Failed;
                         rec.error = Some(e);
                         // Skip everything downstream.
@@ -643,7 +782,9 @@ impl<'a> Engine<'a> {
 /// Thread slots for `--jobs` (0 = all cores).
 pub fn jobs(opts: &RunOptions) -> usize {
     if opts.jobs == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         opts.jobs
     }

@@ -27,7 +27,9 @@ pub struct Progress {
 impl Progress {
     /// A progress handle that prints nothing (tests, library use).
     pub fn hidden() -> Self {
-        Progress { bar: indicatif::ProgressBar::hidden() }
+        Progress {
+            bar: indicatif::ProgressBar::hidden(),
+        }
     }
     /// Wraps an indicatif bar.
     pub fn from_bar(bar: indicatif::ProgressBar) -> Self {

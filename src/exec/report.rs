@@ -50,9 +50,11 @@ impl Reporter {
         }
         let bar = self.multi.add(ProgressBar::new(0));
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>12.cyan.bold} [{bar:25}] {pos}/{len} {msg} {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>12.cyan.bold} [{bar:25}] {pos}/{len} {msg} {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(step.to_string());
         Progress::from_bar(bar)

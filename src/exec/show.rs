@@ -13,7 +13,9 @@ impl Engine<'_> {
         let p = self.pipeline;
         let step = p.step(name).ok_or_else(|| {
             let names: Vec<&str> = p.steps.iter().map(|s| s.name.as_str()).collect();
-            let hint = crate::pipeline::did_you_mean(name, names).map(|h| format!("; {h}")).unwrap_or_default();
+            let hint = crate::pipeline::did_you_mean(name, names)
+                .map(|h| format!("; {h}"))
+                .unwrap_or_default();
             format!("no step `{name}` in `{}`{hint}", p.file.display())
         })?;
         let lock = LockFile::load(&p.lock_path())?;
@@ -25,14 +27,28 @@ impl Engine<'_> {
             .map(|(n, e)| (n.clone(), e.output.clone()))
             .collect();
         let mut out = String::new();
-        let _ = writeln!(out, "step      {} ({} v{})", step.name, step.kind.name(), step.kind.version());
+        let _ = writeln!(
+            out,
+            "step      {} ({} v{})",
+            step.name,
+            step.kind.name(),
+            step.kind.version()
+        );
         let _ = writeln!(out, "declared  {}", step.location);
-        let _ = writeln!(out, "params    {}", crate::cache::hash::canonical_json(&step.params));
+        let _ = writeln!(
+            out,
+            "params    {}",
+            crate::cache::hash::canonical_json(&step.params)
+        );
         match self.components(step, &known) {
             Ok(c) => {
                 for (slot, ins) in &c.inputs {
                     for i in ins {
-                        let g = i.group.as_ref().map(|g| format!(".{g}")).unwrap_or_default();
+                        let g = i
+                            .group
+                            .as_ref()
+                            .map(|g| format!(".{g}"))
+                            .unwrap_or_default();
                         let _ = writeln!(out, "input     {slot}: {}{g} = {}", i.step, i.hash);
                     }
                 }
@@ -53,7 +69,11 @@ impl Engine<'_> {
                             if !m.items.is_empty() {
                                 let _ = writeln!(out, "cases     {}", m.items.len());
                                 for (c, h) in &m.items {
-                                    let _ = writeln!(out, "  {c}  {}", self.store.object_dir(h).display());
+                                    let _ = writeln!(
+                                        out,
+                                        "  {c}  {}",
+                                        self.store.object_dir(h).display()
+                                    );
                                 }
                             }
                             for (g, ids) in &m.groups {
@@ -65,7 +85,10 @@ impl Engine<'_> {
                         }
                     }
                     None => {
-                        let _ = writeln!(out, "output    (not computed for this key; `tsdistill status` says why)");
+                        let _ = writeln!(
+                            out,
+                            "output    (not computed for this key; `tsdistill status` says why)"
+                        );
                     }
                 }
             }

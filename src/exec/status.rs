@@ -46,7 +46,10 @@ impl Engine<'_> {
                 .filter(|r| !known.contains_key(&r.step))
                 .map(|r| r.step.as_str())
                 .collect();
-            let forced = opts.force.iter().any(|f| *f == step.name || *f == step.base);
+            let forced = opts
+                .force
+                .iter()
+                .any(|f| *f == step.name || *f == step.base);
             if forced {
                 reasons.push("forced (--force)".to_string());
             }
@@ -57,7 +60,9 @@ impl Engine<'_> {
                 let key = comps.key();
                 match old {
                     None => reasons.push("never run".into()),
-                    Some(o) if o.key != key => reasons.extend(explain(self.store, &o.components, &comps)),
+                    Some(o) if o.key != key => {
+                        reasons.extend(explain(self.store, &o.components, &comps))
+                    }
                     Some(_) => {}
                 }
                 match self.store.get_key(&key) {
@@ -88,17 +93,33 @@ impl Engine<'_> {
                     reasons.push("never run".into());
                 } else if let Some(o) = old {
                     // Params and version can still be compared.
-                    let now = KeyComponents { inputs: o.components.inputs.clone(), files: o.components.files.clone(), ..self.components_without_inputs(step)? };
+                    let now = KeyComponents {
+                        inputs: o.components.inputs.clone(),
+                        files: o.components.files.clone(),
+                        ..self.components_without_inputs(step)?
+                    };
                     reasons.extend(explain(self.store, &o.components, &now));
                 }
             }
-            let state = if reasons.is_empty() { StepState::Fresh } else { StepState::Stale(reasons) };
-            lines.push(StepStatusLine { step: step.name.clone(), kind: step.kind.name().into(), state, items });
+            let state = if reasons.is_empty() {
+                StepState::Fresh
+            } else {
+                StepState::Stale(reasons)
+            };
+            lines.push(StepStatusLine {
+                step: step.name.clone(),
+                kind: step.kind.name().into(),
+                state,
+                items,
+            });
         }
         Ok(lines)
     }
 
-    fn components_without_inputs(&self, step: &crate::pipeline::StepInstance) -> Result<KeyComponents, String> {
+    fn components_without_inputs(
+        &self,
+        step: &crate::pipeline::StepInstance,
+    ) -> Result<KeyComponents, String> {
         Ok(KeyComponents {
             kind: step.kind.name().to_string(),
             version: step.kind.version(),
@@ -124,7 +145,13 @@ impl Engine<'_> {
         };
         let missing = ids
             .iter()
-            .filter(|id| forced || self.store.get_item(&comps.item_key(slot, &m.items[**id])).is_none())
+            .filter(|id| {
+                forced
+                    || self
+                        .store
+                        .get_item(&comps.item_key(slot, &m.items[**id]))
+                        .is_none()
+            })
             .count();
         Some((missing, ids.len()))
     }
@@ -137,12 +164,17 @@ pub fn explain(store: &Store, old: &KeyComponents, new: &KeyComponents) -> Vec<S
         out.push(format!("kind changed {} → {}", old.kind, new.kind));
     }
     if old.version != new.version {
-        out.push(format!("step version bumped {} → {}", old.version, new.version));
+        out.push(format!(
+            "step version bumped {} → {}",
+            old.version, new.version
+        ));
     }
     let (po, pn) = (flatten(&old.params), flatten(&new.params));
     for (k, v) in &pn {
         match po.get(k) {
-            Some(o) if o != v => out.push(format!("param {k} {} → {}", show_value(o), show_value(v))),
+            Some(o) if o != v => {
+                out.push(format!("param {k} {} → {}", show_value(o), show_value(v)))
+            }
             None => out.push(format!("param {k} added ({})", show_value(v))),
             _ => {}
         }
@@ -173,7 +205,11 @@ pub fn explain(store: &Store, old: &KeyComponents, new: &KeyComponents) -> Vec<S
             }
         }
         if olds.len() > ins.len() {
-            out.push(format!("input `{slot}` has fewer references ({} → {})", olds.len(), ins.len()));
+            out.push(format!(
+                "input `{slot}` has fewer references ({} → {})",
+                olds.len(),
+                ins.len()
+            ));
         }
     }
     out
@@ -205,6 +241,10 @@ fn describe_input_change(store: &Store, step: &str, old: &str, new: &str) -> Str
     const MAX: usize = 6;
     let more = parts.len().saturating_sub(MAX);
     parts.truncate(MAX);
-    let tail = if more > 0 { format!(" (and {more} more)") } else { String::new() };
+    let tail = if more > 0 {
+        format!(" (and {more} more)")
+    } else {
+        String::new()
+    };
     format!("input `{step}`: {}{tail}", parts.join(", "))
 }

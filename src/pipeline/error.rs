@@ -34,11 +34,19 @@ pub struct PipelineError {
 impl PipelineError {
     /// An error at a location.
     pub fn at(location: Location, message: impl Into<String>) -> Self {
-        PipelineError { location: Some(location), message: message.into(), hint: None }
+        PipelineError {
+            location: Some(location),
+            message: message.into(),
+            hint: None,
+        }
     }
     /// An error with no location (command line, I/O).
     pub fn bare(message: impl Into<String>) -> Self {
-        PipelineError { location: None, message: message.into(), hint: None }
+        PipelineError {
+            location: None,
+            message: message.into(),
+            hint: None,
+        }
     }
     /// Adds a hint.
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
@@ -63,7 +71,10 @@ impl fmt::Display for PipelineError {
 impl std::error::Error for PipelineError {}
 
 /// "did you mean `x`?" for a misspelt name, when one candidate is close.
-pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(name, c), c))

@@ -70,7 +70,11 @@ pub fn expand_all(
     file: &Path,
 ) -> Result<Vec<RawInstance>, PipelineError> {
     let loc = |path: &str, key: bool| {
-        yaml::lookup(spans, path, key).unwrap_or(Location { file: file.into(), line: 1, col: 1 })
+        yaml::lookup(spans, path, key).unwrap_or(Location {
+            file: file.into(),
+            line: 1,
+            col: 1,
+        })
     };
     // Variant names per declaration, resolving `foreach: <step>` chains.
     let mut variants: BTreeMap<String, Option<Vec<Variant>>> = BTreeMap::new();
@@ -84,7 +88,10 @@ pub fn expand_all(
         let Value::Object(fields) = decl else {
             return Err(PipelineError::at(
                 loc(&format!("steps.{name}"), false),
-                format!("step `{name}` must be a mapping with a `kind`, found {}", super::type_name(decl)),
+                format!(
+                    "step `{name}` must be a mapping with a `kind`, found {}",
+                    super::type_name(decl)
+                ),
             ));
         };
         let own = own_variants(name, fields, &loc)?;
@@ -109,7 +116,13 @@ pub fn expand_all(
                     return Err(e);
                 };
                 if let Some(v) = theirs.clone() {
-                    let names = v.into_iter().map(|v| Variant { fields: Map::new(), ..v }).collect();
+                    let names = v
+                        .into_iter()
+                        .map(|v| Variant {
+                            fields: Map::new(),
+                            ..v
+                        })
+                        .collect();
                     variants.insert(name.clone(), Some(names));
                 }
             }
@@ -117,13 +130,17 @@ pub fn expand_all(
     }
     let mut out = Vec::new();
     for (name, decl) in decls {
-        let Value::Object(fields) = decl else { unreachable!() };
+        let Value::Object(fields) = decl else {
+            unreachable!()
+        };
         let location = loc(&format!("steps.{name}"), true);
         let mut base_fields = fields.clone();
         let engine_foreach = base_fields.remove("foreach");
         base_fields.remove("matrix");
-        let origins: BTreeMap<String, String> =
-            base_fields.keys().map(|k| (k.clone(), format!("steps.{name}.{k}"))).collect();
+        let origins: BTreeMap<String, String> = base_fields
+            .keys()
+            .map(|k| (k.clone(), format!("steps.{name}.{k}")))
+            .collect();
         match variants.get(name).cloned().flatten() {
             None if engine_foreach.is_some() => {
                 return Err(PipelineError::at(
@@ -187,13 +204,19 @@ fn own_variants(
         (Some(Value::Array(list)), None) => {
             let mut out = Vec::new();
             for (i, v) in list.iter().enumerate() {
-                let n = scalar_text(v).filter(|n| variant_name_ok(n)).ok_or_else(|| {
-                    PipelineError::at(
-                        loc(&format!("steps.{name}.foreach.{i}"), false),
-                        "a variant name must be a word (letters, digits, `-`, `_`, `.`)",
-                    )
-                })?;
-                out.push(Variant { name: n, fields: Map::new(), matrix: Value::Object(Map::new()) });
+                let n = scalar_text(v)
+                    .filter(|n| variant_name_ok(n))
+                    .ok_or_else(|| {
+                        PipelineError::at(
+                            loc(&format!("steps.{name}.foreach.{i}"), false),
+                            "a variant name must be a word (letters, digits, `-`, `_`, `.`)",
+                        )
+                    })?;
+                out.push(Variant {
+                    name: n,
+                    fields: Map::new(),
+                    matrix: Value::Object(Map::new()),
+                });
             }
             non_empty(out, here("foreach"))
         }
@@ -219,7 +242,11 @@ fn own_variants(
                         ))
                     }
                 };
-                out.push(Variant { name: variant.clone(), fields, matrix: Value::Object(Map::new()) });
+                out.push(Variant {
+                    name: variant.clone(),
+                    fields,
+                    matrix: Value::Object(Map::new()),
+                });
             }
             non_empty(out, here("foreach"))
         }
@@ -246,7 +273,9 @@ fn own_variants(
                         let text = scalar_text(v).ok_or_else(|| {
                             PipelineError::at(
                                 loc(&format!("steps.{name}.matrix.{axis}"), false),
-                                format!("matrix values must be numbers, strings or booleans (`{axis}`)"),
+                                format!(
+                                    "matrix values must be numbers, strings or booleans (`{axis}`)"
+                                ),
                             )
                         })?;
                         let mut p = parts.clone();
@@ -260,13 +289,20 @@ fn own_variants(
             }
             let out = combos
                 .into_iter()
-                .map(|(p, m)| Variant { name: p.join(","), fields: Map::new(), matrix: Value::Object(m) })
+                .map(|(p, m)| Variant {
+                    name: p.join(","),
+                    fields: Map::new(),
+                    matrix: Value::Object(m),
+                })
                 .collect();
             non_empty(out, here("matrix"))
         }
         (None, Some(other)) => Err(PipelineError::at(
             here("matrix"),
-            format!("`matrix` must be a mapping of axis → list of values, found {}", super::type_name(other)),
+            format!(
+                "`matrix` must be a mapping of axis → list of values, found {}",
+                super::type_name(other)
+            ),
         )),
         (None, None) => Ok(None),
     }
@@ -290,5 +326,7 @@ fn scalar_text(v: &Value) -> Option<String> {
 }
 
 fn variant_name_ok(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.=,".contains(c))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.=,".contains(c))
 }

@@ -33,7 +33,9 @@ impl Vars<'_> {
                 return self
                     .variant
                     .map(|v| Value::String(v.to_string()))
-                    .ok_or_else(|| "`${variant}` is only defined in steps with `foreach` or `matrix`".into())
+                    .ok_or_else(|| {
+                        "`${variant}` is only defined in steps with `foreach` or `matrix`".into()
+                    })
             }
             "name" if rest.is_none() => return Ok(Value::String(self.name.to_string())),
             _ => {
@@ -105,7 +107,9 @@ fn string(s: &str, vars: &Vars) -> Result<Value, String> {
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
         match vars.get(&after[..end])? {
             Value::String(t) => out.push_str(&t),
             other => out.push_str(&other.to_string()),
@@ -125,11 +129,19 @@ mod tests {
     fn lone_reference_keeps_type_and_embedded_becomes_text() {
         let params = json!({"spacing": [1.5, 1.5, 2.0], "lr": 0.0001, "m": {"fs": 12}});
         let matrix = json!({"seed": 3});
-        let vars = Vars { params: &params, matrix: &matrix, variant: Some("weak"), name: "t@weak" };
+        let vars = Vars {
+            params: &params,
+            matrix: &matrix,
+            variant: Some("weak"),
+            name: "t@weak",
+        };
         let v = json!({"a": "${params.spacing}", "b": "lr=${params.lr} fs=${params.m.fs}",
                        "c": "${matrix.seed}", "d": "out-${variant}"});
         let r = interpolate(&v, &vars).unwrap();
-        assert_eq!(r, json!({"a": [1.5, 1.5, 2.0], "b": "lr=0.0001 fs=12", "c": 3, "d": "out-weak"}));
+        assert_eq!(
+            r,
+            json!({"a": [1.5, 1.5, 2.0], "b": "lr=0.0001 fs=12", "c": 3, "d": "out-weak"})
+        );
         let err = interpolate(&json!({"x": {"y": "${params.lrr}"}}), &vars).unwrap_err();
         assert_eq!(err.0, "x.y");
         assert!(err.1.contains("did you mean `lr`"), "{}", err.1);

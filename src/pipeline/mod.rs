@@ -103,22 +103,38 @@ pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, PipelineErr
 }
 
 /// Loads pipeline text (as if read from `file`).
-pub fn load_str(file: &Path, text: &str, overrides: &[Override]) -> Result<Pipeline, PipelineError> {
+pub fn load_str(
+    file: &Path,
+    text: &str,
+    overrides: &[Override],
+) -> Result<Pipeline, PipelineError> {
     let root = yaml::parse(file, text)?;
     let mut spans = Spans::new();
     let doc = yaml::to_json(file, &root, "", &mut spans);
     let at = |path: &str, key: bool| {
-        yaml::lookup(&spans, path, key).unwrap_or(Location { file: file.into(), line: 1, col: 1 })
+        yaml::lookup(&spans, path, key).unwrap_or(Location {
+            file: file.into(),
+            line: 1,
+            col: 1,
+        })
     };
     let top = match &doc {
         Value::Object(m) => m,
-        _ => return Err(PipelineError::at(at("", false), "a pipeline must be a mapping with `steps:`")),
+        _ => {
+            return Err(PipelineError::at(
+                at("", false),
+                "a pipeline must be a mapping with `steps:`",
+            ))
+        }
     };
     for key in top.keys() {
         if !TOP_KEYS.contains(&key.as_str()) {
             let mut e = PipelineError::at(
                 at(key, true),
-                format!("unknown top-level key `{key}` (expected one of: {})", TOP_KEYS.join(", ")),
+                format!(
+                    "unknown top-level key `{key}` (expected one of: {})",
+                    TOP_KEYS.join(", ")
+                ),
             );
             if let Some(h) = did_you_mean(key, TOP_KEYS.iter().copied()) {
                 e = e.with_hint(h);
@@ -127,7 +143,10 @@ pub fn load_str(file: &Path, text: &str, overrides: &[Override]) -> Result<Pipel
         }
     }
     let name = match top.get("name") {
-        None => file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        None => file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         Some(Value::String(s)) if valid_name(s) => s.clone(),
         Some(other) => {
             return Err(PipelineError::at(
@@ -154,12 +173,18 @@ pub fn load_str(file: &Path, text: &str, overrides: &[Override]) -> Result<Pipel
     let decls = match top.get("steps") {
         Some(Value::Object(m)) if !m.is_empty() => m,
         Some(Value::Object(_)) | None | Some(Value::Null) => {
-            return Err(PipelineError::at(at("", false), "the pipeline has no `steps:`"))
+            return Err(PipelineError::at(
+                at("", false),
+                "the pipeline has no `steps:`",
+            ))
         }
         Some(other) => {
             return Err(PipelineError::at(
                 at("steps", false),
-                format!("`steps` must be a mapping of step name → step, found {}", type_name(other)),
+                format!(
+                    "`steps` must be a mapping of step name → step, found {}",
+                    type_name(other)
+                ),
             ))
         }
     };
@@ -183,7 +208,10 @@ pub fn load_str(file: &Path, text: &str, overrides: &[Override]) -> Result<Pipel
             })?;
             fields.insert(k.clone(), value);
         }
-        for o in step_sets.iter().filter(|o| o.target == inst.base || o.target == inst.name) {
+        for o in step_sets
+            .iter()
+            .filter(|o| o.target == inst.base || o.target == inst.name)
+        {
             overrides::apply_field(&mut fields, o)?;
         }
         steps.push(check_instance(inst, fields, &spans)?);
@@ -202,8 +230,18 @@ pub fn load_str(file: &Path, text: &str, overrides: &[Override]) -> Result<Pipel
     // 3. References.
     resolve_references(&mut steps, &raw, &spans)?;
     let workspace = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let workspace = if workspace.as_os_str().is_empty() { PathBuf::from(".") } else { workspace };
-    let pipeline = Pipeline { name, file: file.to_path_buf(), workspace, params, steps };
+    let workspace = if workspace.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        workspace
+    };
+    let pipeline = Pipeline {
+        name,
+        file: file.to_path_buf(),
+        workspace,
+        params,
+        steps,
+    };
     crate::graph::StepGraph::build(&pipeline)?;
     Ok(pipeline)
 }
@@ -253,7 +291,10 @@ fn check_instance(
                     Value::String(s) => Ok(s),
                     other => Err(PipelineError::at(
                         inst.at(spans, &format!("{}.{i}", spec.name), false),
-                        format!("a step reference must be a name, found {}", type_name(&other)),
+                        format!(
+                            "a step reference must be a name, found {}",
+                            type_name(&other)
+                        ),
                     )),
                 })
                 .collect::<Result<_, _>>()?,
@@ -265,31 +306,62 @@ fn check_instance(
                 };
                 return Err(PipelineError::at(
                     inst.at(spans, spec.name, false),
-                    format!("input `{}` must be {expected}, found {}", spec.name, type_name(&other)),
+                    format!(
+                        "input `{}` must be {expected}, found {}",
+                        spec.name,
+                        type_name(&other)
+                    ),
                 ));
             }
         };
         if refs.is_empty() && spec.arity == Arity::One {
             return Err(PipelineError::at(
                 inst.location.clone(),
-                format!("step `{}` (kind `{}`) needs input `{}`", inst.name, kind.name(), spec.name),
+                format!(
+                    "step `{}` (kind `{}`) needs input `{}`",
+                    inst.name,
+                    kind.name(),
+                    spec.name
+                ),
             ));
         }
         let refs = refs
             .into_iter()
-            .map(|text| InputRef { step: String::new(), group: None, text })
+            .map(|text| InputRef {
+                step: String::new(),
+                group: None,
+                text,
+            })
             .collect();
         inputs.insert(spec.name.to_string(), refs);
     }
     let params = kind.check_params(&Value::Object(fields)).map_err(|e| {
-        let unknown = e.message.strip_prefix("unknown field `").and_then(|r| r.split('`').next());
-        let (path, key) = match unknown {
-            Some(f) => (yaml::join(&e.path, f), true),
-            None => (e.path.clone(), false),
+        let unknown = e
+            .message
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next());
+        // serde_path_to_error's path of an unknown field ends with the field.
+        let (path, key, shown) = match unknown {
+            Some(f) if e.path == f || e.path.ends_with(&format!(".{f}")) => (
+                e.path.clone(),
+                true,
+                e.path
+                    .rsplit_once('.')
+                    .map(|x| x.0.to_string())
+                    .unwrap_or_default(),
+            ),
+            Some(f) => (yaml::join(&e.path, f), true, e.path.clone()),
+            None => (e.path.clone(), false, e.path.clone()),
         };
         let mut err = PipelineError::at(
             inst.at(spans, &path, key),
-            format!("step `{}` (kind `{}`): {}{}", inst.name, kind.name(), prefix(&e.path), e.message),
+            format!(
+                "step `{}` (kind `{}`): {}{}",
+                inst.name,
+                kind.name(),
+                prefix(&shown),
+                e.message
+            ),
         );
         if let Some(f) = unknown {
             let expected: Vec<&str> = e
@@ -341,8 +413,12 @@ fn resolve_references(
         m
     });
     for (step, inst) in steps.iter_mut().zip(raw) {
-        let arities: BTreeMap<&str, Arity> =
-            step.kind.inputs().iter().map(|s| (s.name, s.arity)).collect();
+        let arities: BTreeMap<&str, Arity> = step
+            .kind
+            .inputs()
+            .iter()
+            .map(|s| (s.name, s.arity))
+            .collect();
         for (slot, refs) in step.inputs.iter_mut() {
             let mut resolved = Vec::new();
             for (i, r) in refs.iter().enumerate() {
@@ -377,11 +453,15 @@ fn resolve_references(
                     let all: Vec<&str> = names.iter().map(String::as_str).collect();
                     let mut e = PipelineError::at(
                         loc(),
-                        format!("step `{}` refers to `{}`, which is not a step", step.name, r.text),
+                        format!(
+                            "step `{}` refers to `{}`, which is not a step",
+                            step.name, r.text
+                        ),
                     );
-                    e = e.with_hint(did_you_mean(&target, all.iter().copied()).unwrap_or_else(
-                        || format!("steps are: {}", all.join(", ")),
-                    ));
+                    e = e.with_hint(
+                        did_you_mean(&target, all.iter().copied())
+                            .unwrap_or_else(|| format!("steps are: {}", all.join(", "))),
+                    );
                     return Err(e);
                 };
                 for t in targets {
@@ -391,7 +471,11 @@ fn resolve_references(
                             format!("step `{}` refers to itself", step.name),
                         ));
                     }
-                    resolved.push(InputRef { text: r.text.clone(), step: t, group: group.clone() });
+                    resolved.push(InputRef {
+                        text: r.text.clone(),
+                        step: t,
+                        group: group.clone(),
+                    });
                 }
             }
             *refs = resolved;
@@ -431,7 +515,9 @@ pub fn kind_names() -> Vec<&'static str> {
 
 /// Step and pipeline names: letters, digits, `-`, `_`.
 pub(crate) fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// A value's type for messages.

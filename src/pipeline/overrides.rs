@@ -28,7 +28,9 @@ impl std::str::FromStr for Override {
         let target = parts.next().unwrap_or_default();
         let path: Vec<String> = parts.collect();
         if target.is_empty() || path.is_empty() || path.iter().any(String::is_empty) {
-            return Err(format!("`{s}`: expected params.NAME=VALUE or STEP.PARAM=VALUE"));
+            return Err(format!(
+                "`{s}`: expected params.NAME=VALUE or STEP.PARAM=VALUE"
+            ));
         }
         let rhs = rhs.trim();
         let value = if rhs.starts_with('[') || rhs.starts_with('{') {
@@ -38,7 +40,12 @@ impl std::str::FromStr for Override {
         } else {
             super::yaml::parse_scalar(rhs)
         };
-        Ok(Override { text: s.to_string(), target, path, value })
+        Ok(Override {
+            text: s.to_string(),
+            target,
+            path,
+            value,
+        })
     }
 }
 
@@ -47,7 +54,11 @@ pub fn apply_param(params: &mut Value, o: &Override) -> Result<(), PipelineError
     let mut cur = params;
     for (i, key) in o.path.iter().enumerate() {
         let Value::Object(map) = cur else {
-            return Err(PipelineError::bare(format!("--set {}: `{}` is not a mapping", o.text, o.path[..i].join("."))));
+            return Err(PipelineError::bare(format!(
+                "--set {}: `{}` is not a mapping",
+                o.text,
+                o.path[..i].join(".")
+            )));
         };
         if !map.contains_key(key) {
             let mut e = PipelineError::bare(format!(
@@ -78,9 +89,14 @@ pub fn apply_field(fields: &mut Map<String, Value>, o: &Override) -> Result<(), 
             cur.insert(key.clone(), o.value.clone());
             return Ok(());
         }
-        let next = cur.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
+        let next = cur
+            .entry(key.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
         let Value::Object(m) = next else {
-            return Err(PipelineError::bare(format!("--set {}: `{key}` is not a mapping", o.text)));
+            return Err(PipelineError::bare(format!(
+                "--set {}: `{key}` is not a mapping",
+                o.text
+            )));
         };
         cur = m;
     }

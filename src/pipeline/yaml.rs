@@ -18,14 +18,25 @@ pub type Spans = BTreeMap<String, Location>;
 /// Position of a node.
 pub fn location(file: &Path, node_span: &marked_yaml::Span) -> Location {
     match node_span.start() {
-        Some(m) => Location { file: file.to_path_buf(), line: m.line(), col: m.column() },
-        None => Location { file: file.to_path_buf(), line: 1, col: 1 },
+        Some(m) => Location {
+            file: file.to_path_buf(),
+            line: m.line(),
+            col: m.column(),
+        },
+        None => Location {
+            file: file.to_path_buf(),
+            line: 1,
+            col: 1,
+        },
     }
 }
 
 /// Parses text into a top-level mapping node, mapping syntax errors to file:line:col.
 pub fn parse(file: &Path, text: &str) -> Result<Node, PipelineError> {
-    let opts = marked_yaml::LoaderOptions::default().error_on_duplicate_keys(true);
+    // Quoted scalars stay strings (`run: "true"`); plain ones are typed.
+    let opts = marked_yaml::LoaderOptions::default()
+        .error_on_duplicate_keys(true)
+        .prevent_coercion(true);
     marked_yaml::parse_yaml_with_options(0, text, opts).map_err(|e| {
         use marked_yaml::LoadError as E;
         let (m, msg) = match &e {
@@ -36,11 +47,23 @@ pub fn parse(file: &Path, text: &str) -> Result<Node, PipelineError> {
             E::UnexpectedTag(m) => (m.clone(), "YAML tags are not supported".into()),
             E::ScanError(m, s) => (m.clone(), format!("YAML syntax error: {}", scan_message(s))),
             E::DuplicateKey(d) => {
-                let m = d.key.span().start().cloned().unwrap_or_else(|| marked_yaml::Marker::new(0, 0, 1, 1));
+                let m = d
+                    .key
+                    .span()
+                    .start()
+                    .cloned()
+                    .unwrap_or_else(|| marked_yaml::Marker::new(0, 0, 1, 1));
                 (m, format!("duplicate key `{}`", d.key.as_str()))
             }
         };
-        PipelineError::at(Location { file: file.to_path_buf(), line: m.line(), col: m.column() }, msg)
+        PipelineError::at(
+            Location {
+                file: file.to_path_buf(),
+                line: m.line(),
+                col: m.column(),
+            },
+            msg,
+        )
     })
 }
 
@@ -108,8 +131,13 @@ pub fn parse_scalar(text: &str) -> Value {
     if let Ok(i) = text.parse::<i64>() {
         return Value::Number(i.into());
     }
-    let looks_numeric = text.chars().next().is_some_and(|c| c.is_ascii_digit() || "+-.".contains(c))
-        && text.chars().all(|c| c.is_ascii_digit() || "+-.eE".contains(c));
+    let looks_numeric = text
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit() || "+-.".contains(c))
+        && text
+            .chars()
+            .all(|c| c.is_ascii_digit() || "+-.eE".contains(c));
     if looks_numeric {
         if let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64) {
             return Value::Number(n);

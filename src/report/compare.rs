@@ -72,7 +72,11 @@ impl Comparison {
             for n in names {
                 let (x, y) = (fa.get(n), fb.get(n));
                 if x != y {
-                    params.push(ParamDiff { name: format!("{prefix}.{n}"), a: x.cloned(), b: y.cloned() });
+                    params.push(ParamDiff {
+                        name: format!("{prefix}.{n}"),
+                        a: x.cloned(),
+                        b: y.cloned(),
+                    });
                 }
             }
         };
@@ -83,12 +87,19 @@ impl Comparison {
         for n in names {
             let (sa, sb) = (a.steps.get(n), b.steps.get(n));
             let empty = Value::Object(Default::default());
-            diff(n, sa.map_or(&empty, |s| &s.params), sb.map_or(&empty, |s| &s.params));
+            diff(
+                n,
+                sa.map_or(&empty, |s| &s.params),
+                sb.map_or(&empty, |s| &s.params),
+            );
             if sa.and_then(|s| s.key.as_ref()) != sb.and_then(|s| s.key.as_ref()) {
                 steps.push(n.clone());
             }
             let none = BTreeMap::new();
-            let (ma, mb) = (sa.map_or(&none, |s| &s.metrics), sb.map_or(&none, |s| &s.metrics));
+            let (ma, mb) = (
+                sa.map_or(&none, |s| &s.metrics),
+                sb.map_or(&none, |s| &s.metrics),
+            );
             let keys: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
             for k in keys {
                 let (x, y) = (ma.get(k).copied(), mb.get(k).copied());
@@ -96,10 +107,22 @@ impl Comparison {
                     (Some(x), Some(y)) => Some(y - x),
                     _ => None,
                 };
-                metrics.push(MetricRow { step: n.clone(), metric: k.clone(), a: x, b: y, delta });
+                metrics.push(MetricRow {
+                    step: n.clone(),
+                    metric: k.clone(),
+                    a: x,
+                    b: y,
+                    delta,
+                });
             }
         }
-        Comparison { a: a.id.clone(), b: b.id.clone(), params, steps, metrics }
+        Comparison {
+            a: a.id.clone(),
+            b: b.id.clone(),
+            params,
+            steps,
+            metrics,
+        }
     }
 
     /// Renders in a format.
@@ -128,9 +151,17 @@ impl Comparison {
             }
         };
         header(&mut out, &format!("Params ({} vs {})", self.a, self.b));
-        let rows: Vec<Vec<String>> =
-            self.params.iter().map(|p| vec![p.name.clone(), val(&p.a), val(&p.b)]).collect();
-        out.push_str(&grid(&["param", "A", "B"], &rows, md, "(no parameter differs)"));
+        let rows: Vec<Vec<String>> = self
+            .params
+            .iter()
+            .map(|p| vec![p.name.clone(), val(&p.a), val(&p.b)])
+            .collect();
+        out.push_str(&grid(
+            &["param", "A", "B"],
+            &rows,
+            md,
+            "(no parameter differs)",
+        ));
         header(&mut out, "Steps whose keys differ");
         let rows: Vec<Vec<String>> = self.steps.iter().map(|s| vec![s.clone()]).collect();
         out.push_str(&grid(&["step"], &rows, md, "(none)"));
@@ -138,9 +169,22 @@ impl Comparison {
         let rows: Vec<Vec<String>> = self
             .metrics
             .iter()
-            .map(|m| vec![m.step.clone(), m.metric.clone(), num(m.a), num(m.b), sign(m.delta)])
+            .map(|m| {
+                vec![
+                    m.step.clone(),
+                    m.metric.clone(),
+                    num(m.a),
+                    num(m.b),
+                    sign(m.delta),
+                ]
+            })
             .collect();
-        out.push_str(&grid(&["step", "metric", "A", "B", "Δ"], &rows, md, "(no metrics published)"));
+        out.push_str(&grid(
+            &["step", "metric", "A", "B", "Δ"],
+            &rows,
+            md,
+            "(no metrics published)",
+        ));
         out
     }
 }
@@ -151,8 +195,16 @@ pub fn fmt_num(x: f64) -> String {
         return "0".into();
     }
     if x.abs() >= 1e-4 && x.abs() < 1e6 {
-        let s = format!("{:.*}", (5 - x.abs().log10().floor() as i32).max(0) as usize, x);
-        let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
+        let s = format!(
+            "{:.*}",
+            (5 - x.abs().log10().floor() as i32).max(0) as usize,
+            x
+        );
+        let s = if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        };
         return s;
     }
     format!("{x:.4e}")
@@ -169,8 +221,11 @@ fn grid(head: &[&str], rows: &[Vec<String>], md: bool, empty: &str) -> String {
         }
     }
     let line = |cells: Vec<String>| -> String {
-        let padded: Vec<String> =
-            cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
         if md {
             format!("| {} |\n", padded.join(" | "))
         } else {
@@ -179,7 +234,13 @@ fn grid(head: &[&str], rows: &[Vec<String>], md: bool, empty: &str) -> String {
     };
     let mut out = line(head.iter().map(|s| s.to_string()).collect());
     if md {
-        out.push_str(&format!("|{}|\n", w.iter().map(|n| "-".repeat(n + 2)).collect::<Vec<_>>().join("|")));
+        out.push_str(&format!(
+            "|{}|\n",
+            w.iter()
+                .map(|n| "-".repeat(n + 2))
+                .collect::<Vec<_>>()
+                .join("|")
+        ));
     }
     for r in rows {
         out.push_str(&line(r.clone()));

@@ -55,15 +55,24 @@ impl StepKind for CaseCommand {
     }
     fn inputs(&self) -> &'static [InputSpec] {
         &[
-            InputSpec { name: "input", arity: Arity::One },
-            InputSpec { name: "with", arity: Arity::Many },
+            InputSpec {
+                name: "input",
+                arity: Arity::One,
+            },
+            InputSpec {
+                name: "with",
+                arity: Arity::Many,
+            },
         ]
     }
     fn params_doc(&self) -> &'static [(&'static str, &'static str)] {
         &[
             ("run", "string (required): shell script run per case"),
             ("outs", "list of files each case must write under $TSD_OUT"),
-            ("keep", "list of input case files copied to the output (e.g. image.nii.gz)"),
+            (
+                "keep",
+                "list of input case files copied to the output (e.g. image.nii.gz)",
+            ),
             ("params", "mapping: values exported as TSD_PARAM_<NAME>"),
             ("env", "mapping: extra environment variables"),
             ("deps", "list of workspace paths/globs hashed into the key"),
@@ -73,13 +82,16 @@ impl StepKind for CaseCommand {
         canonical_params::<CaseCommandParams>(params)
     }
     fn workspace_deps(&self, params: &serde_json::Value) -> Vec<String> {
-        parse_params::<CaseCommandParams>(params).map(|p| p.deps).unwrap_or_default()
+        parse_params::<CaseCommandParams>(params)
+            .map(|p| p.deps)
+            .unwrap_or_default()
     }
     fn map_over(&self) -> Option<&'static str> {
         Some("input")
     }
     fn run_item(&self, ctx: &ItemContext) -> StepResult<()> {
-        let p: CaseCommandParams = parse_params(ctx.params).map_err(|e| StepError::Params(e.message))?;
+        let p: CaseCommandParams =
+            parse_params(ctx.params).map_err(|e| StepError::Params(e.message))?;
         let mut env = shell::param_env(&p.params);
         env.extend(p.env.clone());
         env.insert("TSD_CASE".into(), ctx.case.to_string());
@@ -101,7 +113,9 @@ impl StepKind for CaseCommand {
             let (src, dst) = (ctx.item_dir.join(k), ctx.out_dir.join(k));
             if !dst.exists() {
                 if !src.is_file() {
-                    return Err(StepError::Input(format!("`keep: {k}`: the input case has no `{k}`")));
+                    return Err(StepError::Input(format!(
+                        "`keep: {k}`: the input case has no `{k}`"
+                    )));
                 }
                 fs_err::copy(&src, &dst)?;
             }

@@ -62,16 +62,28 @@ impl StepKind for Command {
          in `$TSD_OUT` is published."
     }
     fn inputs(&self) -> &'static [InputSpec] {
-        &[InputSpec { name: "inputs", arity: Arity::Many }]
+        &[InputSpec {
+            name: "inputs",
+            arity: Arity::Many,
+        }]
     }
     fn params_doc(&self) -> &'static [(&'static str, &'static str)] {
         &[
             ("run", "string (required): shell script, run with `sh -c`"),
-            ("deps", "list of paths/globs in the workspace, hashed into the key"),
-            ("outs", "list of files the command must write under $TSD_OUT"),
+            (
+                "deps",
+                "list of paths/globs in the workspace, hashed into the key",
+            ),
+            (
+                "outs",
+                "list of files the command must write under $TSD_OUT",
+            ),
             ("params", "mapping: values exported as TSD_PARAM_<NAME>"),
             ("env", "mapping: extra environment variables"),
-            ("threads", "integer (default 1): CPU slots claimed from --jobs"),
+            (
+                "threads",
+                "integer (default 1): CPU slots claimed from --jobs",
+            ),
             ("gpu", "boolean (default false): claims the GPU slot"),
         ]
     }
@@ -79,7 +91,9 @@ impl StepKind for Command {
         canonical_params::<CommandParams>(params)
     }
     fn workspace_deps(&self, params: &serde_json::Value) -> Vec<String> {
-        parse_params::<CommandParams>(params).map(|p| p.deps).unwrap_or_default()
+        parse_params::<CommandParams>(params)
+            .map(|p| p.deps)
+            .unwrap_or_default()
     }
     fn resources(&self, params: &serde_json::Value) -> Resources {
         let p = parse_params::<CommandParams>(params).ok();
@@ -89,7 +103,8 @@ impl StepKind for Command {
         }
     }
     fn run(&self, ctx: &StepContext) -> StepResult<StepOutput> {
-        let p: CommandParams = parse_params(ctx.params).map_err(|e| StepError::Params(e.message))?;
+        let p: CommandParams =
+            parse_params(ctx.params).map_err(|e| StepError::Params(e.message))?;
         let mut env = shell::param_env(&p.params);
         env.extend(p.env.clone());
         env.insert("TSD_OUT".into(), ctx.out_dir.display().to_string());
@@ -108,11 +123,17 @@ impl StepKind for Command {
         let log = ctx.work_dir.join("command.log");
         shell::run(&p.run, ctx.workspace, &env, &log, ctx.cancel)?;
         shell::check_outs(ctx.out_dir, &p.outs)?;
-        Ok(StepOutput { kind: "files".into(), ..Default::default() })
+        Ok(StepOutput {
+            kind: "files".into(),
+            ..Default::default()
+        })
     }
 }
 
 /// Absolute form of a path for the environment.
 pub(crate) fn abs(p: &std::path::Path) -> String {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }

@@ -69,7 +69,10 @@ fn by_case(
 ) -> StepResult<BTreeMap<String, (PathBuf, String)>> {
     let mut out: BTreeMap<String, (PathBuf, String)> = BTreeMap::new();
     for f in files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let (stem, ext) = split_ext(&name);
         let id = match re {
             None => stem.to_string(),
@@ -112,9 +115,18 @@ impl StepKind for Dataset {
     }
     fn params_doc(&self) -> &'static [(&'static str, &'static str)] {
         &[
-            ("images", "glob (required), relative to the pipeline file's directory"),
-            ("labels", "glob of label maps, paired with images by case id"),
-            ("case_pattern", "regex on the file name; first capture group = case id"),
+            (
+                "images",
+                "glob (required), relative to the pipeline file's directory",
+            ),
+            (
+                "labels",
+                "glob of label maps, paired with images by case id",
+            ),
+            (
+                "case_pattern",
+                "regex on the file name; first capture group = case id",
+            ),
         ]
     }
     fn check_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
@@ -131,7 +143,8 @@ impl StepKind for Dataset {
         }
     }
     fn run(&self, ctx: &StepContext) -> StepResult<StepOutput> {
-        let p: DatasetParams = parse_params(ctx.params).map_err(|e| StepError::Params(e.message))?;
+        let p: DatasetParams =
+            parse_params(ctx.params).map_err(|e| StepError::Params(e.message))?;
         let re = p
             .case_pattern
             .as_deref()
@@ -169,6 +182,11 @@ impl StepKind for Dataset {
             }
         }
         let meta = serde_json::json!({ "cases": items.len(), "labelled": labels.is_some() });
-        Ok(StepOutput { kind: "dataset".into(), items, meta, ..Default::default() })
+        Ok(StepOutput {
+            kind: "dataset".into(),
+            items,
+            meta,
+            ..Default::default()
+        })
     }
 }

@@ -15,7 +15,15 @@ use crate::exec::CancelToken;
 
 /// Environment variable name for a step or param name (`train@weak` → `TRAIN_WEAK`).
 pub fn env_name(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `params:` values as `TSD_PARAM_<NAME>` (lists joined by spaces).
@@ -27,7 +35,11 @@ pub fn param_env(params: &serde_json::Map<String, Value>) -> BTreeMap<String, St
                 Value::String(s) => s.clone(),
                 Value::Array(a) => a
                     .iter()
-                    .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| x.to_string())
+                    })
                     .collect::<Vec<_>>()
                     .join(" "),
                 other => other.to_string(),
@@ -47,8 +59,13 @@ pub fn run(
 ) -> StepResult<()> {
     let log_file = fs_err::File::create(log)?.into_parts().0;
     let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(script).current_dir(cwd).envs(env).stdin(Stdio::null());
-    cmd.stdout(Stdio::from(log_file.try_clone()?)).stderr(Stdio::from(log_file));
+    cmd.arg("-c")
+        .arg(script)
+        .current_dir(cwd)
+        .envs(env)
+        .stdin(Stdio::null());
+    cmd.stdout(Stdio::from(log_file.try_clone()?))
+        .stderr(Stdio::from(log_file));
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -71,7 +88,10 @@ pub fn run(
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             return Err(StepError::Other(format!(
                 "command failed ({status}): {script}\n{}\n(full log: {})",
-                tail.iter().map(|l| format!("    | {l}")).collect::<Vec<_>>().join("\n"),
+                tail.iter()
+                    .map(|l| format!("    | {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
                 log.display()
             )));
         }
