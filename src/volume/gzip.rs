@@ -41,13 +41,21 @@ pub fn is_gzip(bytes: &[u8]) -> bool {
 
 /// Compresses `data` into parallel gzip members at `level` (0–9).
 pub fn compress(data: &[u8], level: u32) -> Vec<u8> {
-    let members: Vec<Vec<u8>> = data.par_chunks(CHUNK).map(|c| member(c, level)).collect();
+    compress_parts(&[data], level)
+}
+
+/// Compresses the concatenation of `parts` without copying them together;
+/// each part starts a new member (the NIfTI header gets its own, so a reader
+/// can inflate the voxels straight into their typed buffer).
+pub fn compress_parts(parts: &[&[u8]], level: u32) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = parts.iter().flat_map(|p| p.chunks(CHUNK)).collect();
+    if chunks.is_empty() {
+        return member(&[], level);
+    }
+    let members: Vec<Vec<u8>> = chunks.par_iter().map(|c| member(c, level)).collect();
     let mut out = Vec::with_capacity(members.iter().map(Vec::len).sum());
     for m in &members {
         out.extend_from_slice(m);
-    }
-    if data.is_empty() {
-        out = member(&[], level);
     }
     out
 }
@@ -100,8 +108,10 @@ pub fn decompress(bytes: &[u8], size_hint: Option<usize>) -> Result<Vec<u8>, Gzi
     if !is_gzip(bytes) {
         return Err(GzipError::Corrupt("no gzip magic".into()));
     }
-    if let Some(spans) = our_members(bytes) {
-        return decompress_parallel(bytes, &spans);
+    if let Some(members) = our_members(bytes) {
+        let mut out = vec![0u8; members.iter().map(|m| m.size).sum()];
+        inflate_members(bytes, &members, &mut out)?;
+        return Ok(out);
     }
     let hint = size_hint.unwrap_or_else(|| {
         // ISIZE of the last member: right for single-member files < 4 GiB.
@@ -124,44 +134,62 @@ pub fn decompress(bytes: &[u8], size_hint: Option<usize>) -> Result<Vec<u8>, Gzi
     Ok(out)
 }
 
-/// The member spans when every member is one of ours (else None).
-fn our_members(bytes: &[u8]) -> Option<Vec<(usize, usize)>> {
-    let mut spans = Vec::new();
+/// One of our gzip members: byte span in the file and uncompressed size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    /// First byte of the member.
+    pub start: usize,
+    /// One past its last byte.
+    pub end: usize,
+    /// Uncompressed bytes (its ISIZE).
+    pub size: usize,
+}
+
+/// The members when every member is one of ours (else None: foreign or
+/// truncated files take the streaming path, which reports the damage).
+pub fn our_members(bytes: &[u8]) -> Option<Vec<Member>> {
+    let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
         let len = td_length(&bytes[at..])?;
         if len < HEADER_LEN + 8 || at + len > bytes.len() {
-            // Truncated or foreign: let the streaming path report it.
             return None;
         }
-        spans.push((at, at + len));
-        at += len;
+        let e = at + len;
+        let size = u32::from_le_bytes([bytes[e - 4], bytes[e - 3], bytes[e - 2], bytes[e - 1]]);
+        out.push(Member {
+            start: at,
+            end: e,
+            size: size as usize,
+        });
+        at = e;
     }
-    Some(spans)
+    Some(out)
 }
 
-fn decompress_parallel(bytes: &[u8], spans: &[(usize, usize)]) -> Result<Vec<u8>, GzipError> {
-    let sizes: Vec<usize> = spans
-        .iter()
-        .map(|&(_, e)| {
-            u32::from_le_bytes([bytes[e - 4], bytes[e - 3], bytes[e - 2], bytes[e - 1]]) as usize
-        })
-        .collect();
-    let total: usize = sizes.iter().sum();
-    let mut out = vec![0u8; total];
-    let mut slices = Vec::with_capacity(spans.len());
-    let mut rest = out.as_mut_slice();
-    for &n in &sizes {
-        let (a, b) = rest.split_at_mut(n);
+/// Inflates `members` of `bytes` in parallel into `dst`, whose length must
+/// be the sum of their sizes; checks every CRC.
+pub fn inflate_members(bytes: &[u8], members: &[Member], dst: &mut [u8]) -> Result<(), GzipError> {
+    let total: usize = members.iter().map(|m| m.size).sum();
+    if total != dst.len() {
+        return Err(GzipError::Corrupt(format!(
+            "members hold {total} bytes, expected {}",
+            dst.len()
+        )));
+    }
+    let mut slices = Vec::with_capacity(members.len());
+    let mut rest = dst;
+    for m in members {
+        let (a, b) = rest.split_at_mut(m.size);
         slices.push(a);
         rest = b;
     }
     slices
         .into_par_iter()
-        .zip(spans.par_iter())
+        .zip(members.par_iter())
         .enumerate()
-        .try_for_each(|(i, (dst, &(s, e)))| {
-            let m = &bytes[s..e];
+        .try_for_each(|(i, (dst, mb))| {
+            let m = &bytes[mb.start..mb.end];
             let body = &m[HEADER_LEN..m.len() - 8];
             let mut d = Decompress::new(false);
             let st = d
@@ -170,20 +198,15 @@ fn decompress_parallel(bytes: &[u8], spans: &[(usize, usize)]) -> Result<Vec<u8>
             if st != Status::StreamEnd || d.total_out() as usize != dst.len() {
                 return Err(GzipError::Corrupt(format!("member {i}: length mismatch")));
             }
-            let want = u32::from_le_bytes([
-                m[m.len() - 8],
-                m[m.len() - 7],
-                m[m.len() - 6],
-                m[m.len() - 5],
-            ]);
+            let n = m.len();
+            let want = u32::from_le_bytes([m[n - 8], m[n - 7], m[n - 6], m[n - 5]]);
             let mut crc = crc32fast::Hasher::new();
             crc.update(dst);
             if crc.finalize() != want {
                 return Err(GzipError::Corrupt(format!("member {i}: CRC mismatch")));
             }
             Ok(())
-        })?;
-    Ok(out)
+        })
 }
 
 #[cfg(test)]

@@ -382,29 +382,46 @@ pub fn read_header(path: impl AsRef<Path>) -> Result<Header> {
 
 /// Decodes file bytes (`.nii`, or gzip of one) into a [`Volume`].
 pub fn decode(path: &Path, raw: &[u8]) -> Result<Volume> {
+    let gz_err = |e| NiftiError::Gzip {
+        path: path.to_owned(),
+        source: e,
+    };
+    // Fast path for our own multi-member files: the header is member 0, so
+    // the voxels inflate in parallel straight into their typed buffer.
+    if let Some(members) = gzip::our_members(raw) {
+        if members.len() > 1 && members[0].size >= 348 {
+            let mut head = vec![0u8; members[0].size];
+            gzip::inflate_members(raw, &members[..1], &mut head).map_err(gz_err)?;
+            let h = parse_header(path, &head)?;
+            if !h.big_endian && h.vox_offset == members[0].size as f32 {
+                let (shape, dtype) = layout(path, &h)?;
+                let n: usize = shape.iter().product();
+                let have: usize = members[1..].iter().map(|m| m.size).sum();
+                if have < n * dtype.size() {
+                    return Err(NiftiError::Truncated {
+                        path: path.to_owned(),
+                        expected: head.len() + n * dtype.size(),
+                        found: head.len() + have,
+                    });
+                }
+                if have == n * dtype.size() {
+                    let mut data = zeroed(dtype, n);
+                    gzip::inflate_members(raw, &members[1..], bytes_mut(&mut data))
+                        .map_err(gz_err)?;
+                    return finish(path, &h, shape, data);
+                }
+            }
+        }
+    }
     let owned;
     let bytes: &[u8] = if gzip::is_gzip(raw) {
-        owned = gzip::decompress(raw, None).map_err(|e| NiftiError::Gzip {
-            path: path.to_owned(),
-            source: e,
-        })?;
+        owned = gzip::decompress(raw, None).map_err(gz_err)?;
         &owned
     } else {
         raw
     };
     let h = parse_header(path, bytes)?;
-    let shape = shape_3d(path, &h)?;
-    let dtype = DType::from_nifti_code(h.datatype).ok_or(NiftiError::UnsupportedDtype {
-        path: path.to_owned(),
-        code: h.datatype,
-    })?;
-    if !(h.vox_offset >= 348.0 && h.vox_offset.fract() == 0.0) {
-        return Err(header_err(
-            path,
-            "vox_offset ≥ 348, integral",
-            h.vox_offset.to_string(),
-        ));
-    }
+    let (shape, dtype) = layout(path, &h)?;
     let off = h.vox_offset as usize;
     let n: usize = shape.iter().product();
     let expected = off + n * dtype.size();
@@ -416,13 +433,64 @@ pub fn decode(path: &Path, raw: &[u8]) -> Result<Volume> {
         });
     }
     let data = to_voxels(&bytes[off..expected], dtype, h.big_endian);
+    finish(path, &h, shape, data)
+}
+
+/// Shape and dtype of a header, with `vox_offset` validated.
+fn layout(path: &Path, h: &Header) -> Result<([usize; 3], DType)> {
+    let shape = shape_3d(path, h)?;
+    let dtype = DType::from_nifti_code(h.datatype).ok_or(NiftiError::UnsupportedDtype {
+        path: path.to_owned(),
+        code: h.datatype,
+    })?;
+    if !(h.vox_offset >= 348.0 && h.vox_offset.fract() == 0.0) {
+        return Err(header_err(
+            path,
+            "vox_offset ≥ 348, integral",
+            h.vox_offset.to_string(),
+        ));
+    }
+    Ok((shape, dtype))
+}
+
+/// Scaling, the finiteness check and the affine.
+fn finish(path: &Path, h: &Header, shape: [usize; 3], data: Voxels) -> Result<Volume> {
     let data = apply_scaling(data, h.scl_slope, h.scl_inter);
     check_finite(path, &data)?;
     Ok(Volume::new(shape, h.best_affine(), data))
 }
 
+/// `n` zero voxels of `dtype` (calloc'd: pages are touched only when written).
+fn zeroed(dtype: DType, n: usize) -> Voxels {
+    match dtype {
+        DType::U8 => Voxels::U8(vec![0; n]),
+        DType::I8 => Voxels::I8(vec![0; n]),
+        DType::I16 => Voxels::I16(vec![0; n]),
+        DType::U16 => Voxels::U16(vec![0; n]),
+        DType::I32 => Voxels::I32(vec![0; n]),
+        DType::F32 => Voxels::F32(vec![0.0; n]),
+        DType::F64 => Voxels::F64(vec![0.0; n]),
+    }
+}
+
+/// The voxels' memory as bytes (native order).
+fn bytes_mut(v: &mut Voxels) -> &mut [u8] {
+    crate::with_voxels!(v, x => bytemuck::cast_slice_mut(x.as_mut_slice()))
+}
+
+/// The voxels' memory as bytes (native order).
+fn bytes_of(v: &Voxels) -> &[u8] {
+    crate::with_voxels!(v, x => bytemuck::cast_slice(x.as_slice()))
+}
+
 /// Raw bytes → typed voxels.
 fn to_voxels(b: &[u8], dtype: DType, big_endian: bool) -> Voxels {
+    if big_endian == cfg!(target_endian = "big") {
+        // Same byte order as this machine: one memcpy.
+        let mut v = zeroed(dtype, b.len() / dtype.size());
+        bytes_mut(&mut v).copy_from_slice(b);
+        return v;
+    }
     macro_rules! conv {
         ($t:ty, $n:expr) => {{
             b.chunks_exact($n)
@@ -601,8 +669,17 @@ fn orthonormalize(mut r: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
 /// Encodes a whole `.nii` file in memory.
 pub fn encode(vol: &Volume) -> Vec<u8> {
     let mut out = encode_header(vol);
-    out.extend_from_slice(&vol.data.to_le_bytes());
+    out.extend_from_slice(&le_data(vol));
     out
+}
+
+/// The voxel bytes in little-endian order, borrowed on little-endian hosts.
+fn le_data(vol: &Volume) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytes_of(&vol.data))
+    } else {
+        std::borrow::Cow::Owned(vol.data.to_le_bytes())
+    }
 }
 
 /// Writes `vol`; a name ending in `.gz` is gzip-compressed (level 1, parallel).
@@ -612,17 +689,24 @@ pub fn write(path: impl AsRef<Path>, vol: &Volume) -> Result<()> {
 
 /// [`write`] with an explicit gzip level (ignored for `.nii`).
 pub fn write_with_level(path: impl AsRef<Path>, vol: &Volume, level: u32) -> Result<()> {
+    use std::io::Write;
     let path = path.as_ref();
-    let raw = encode(vol);
-    let bytes = if path.extension().is_some_and(|e| e == "gz") {
-        gzip::compress(&raw, level)
-    } else {
-        raw
-    };
-    fs_err::write(path, bytes).map_err(|e| NiftiError::Io {
+    let io = |e| NiftiError::Io {
         path: path.to_owned(),
         source: e,
-    })
+    };
+    let header = encode_header(vol);
+    let data = le_data(vol);
+    let mut f = fs_err::File::create(path).map_err(io)?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        // The header is a member of its own (see `decode`'s fast path).
+        f.write_all(&gzip::compress_parts(&[&header, &data], level))
+            .map_err(io)?;
+    } else {
+        f.write_all(&header).map_err(io)?;
+        f.write_all(&data).map_err(io)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
