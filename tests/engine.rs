@@ -877,3 +877,36 @@ steps:
     );
     assert!(show.contains("cases     4"), "{show}");
 }
+
+#[test]
+fn compare_step_tabulates_metrics_with_deltas_against_the_baseline() {
+    let d = Dir::new("comparestep");
+    d.write(
+        "p.yaml",
+        r#"
+steps:
+  eval:
+    foreach:
+      real: {params: {dice: 0.82, hd: 4.5}}
+      weak: {params: {dice: 0.79, hd: 5.25}}
+    kind: command
+    run: |
+      echo '{"mean_dice": '$TSD_PARAM_DICE', "hd95": {"mean": '$TSD_PARAM_HD'}}' > $TSD_OUT/metrics.json
+  report: {kind: compare, inputs: eval}
+"#,
+    );
+    let s = d.run("p.yaml", &[]);
+    assert!(s.ok(), "{:?}", s.record.steps);
+    let m = &s.record.steps["report"].metrics;
+    assert_eq!(m["eval@weak.mean_dice"], 0.79);
+    assert_eq!(m["eval@real.hd95.mean"], 4.5);
+    let store = Store::open(&d.cache()).unwrap();
+    let md = std::fs::read_to_string(
+        store
+            .object_dir(s.record.steps["report"].output.as_ref().unwrap())
+            .join("comparison.md"),
+    )
+    .unwrap();
+    assert!(md.contains("| mean_dice | 0.82 | 0.79 | -0.03 |"), "{md}");
+    assert!(md.contains("| hd95.mean | 4.5 | 5.25 | +0.75 |"), "{md}");
+}
