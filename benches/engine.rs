@@ -42,7 +42,7 @@ fn workspace(root: &Path, cases: usize) {
     let mut dvc = String::from("stages:\n");
     for (stage, src) in [("a", "data"), ("b", "out_a"), ("c", "out_b")] {
         dvc.push_str(&format!(
-            "  {stage}:\n    foreach: [{}]\n    do:\n      cmd: mkdir -p out_{stage} && cp {src}/${{item}}.txt out_{stage}/${{item}}.txt\n      deps: [{src}/${{item}}.txt]\n      outs: [out_{stage}/${{item}}.txt]\n",
+            "  {stage}:\n    foreach: [{}]\n    do:\n      cmd: mkdir -p out_{stage} && cp {src}/${{item}}.txt out_{stage}/${{item}}.txt\n      deps:\n        - {src}/${{item}}.txt\n      outs:\n        - out_{stage}/${{item}}.txt\n",
             (0..cases).map(|i| format!("case{i:03}")).collect::<Vec<_>>().join(", ")
         ));
     }

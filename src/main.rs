@@ -89,19 +89,21 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let r = &summary.record;
             let count = |s| summary.with_status(s).len();
             use tsdistill::cache::StepStatus as S;
-            eprintln!(
-                "{:>12} run {} in {:.2}s: {} ran, {} fresh, {} failed, {} skipped",
-                if summary.ok() { "Done" } else { "Stopped" },
-                r.id,
-                r.seconds,
-                count(S::Ran),
-                count(S::Cached),
-                count(S::Failed),
-                count(S::Skipped)
-            );
-            for (name, s) in &r.steps {
-                if let Some(e) = &s.error {
-                    eprintln!("  {name}: {}", e.lines().next().unwrap_or_default());
+            if !*quiet || !summary.ok() {
+                eprintln!(
+                    "{:>12} run {} in {:.2}s: {} ran, {} fresh, {} failed, {} skipped",
+                    if summary.ok() { "Done" } else { "Stopped" },
+                    r.id,
+                    r.seconds,
+                    count(S::Ran),
+                    count(S::Cached),
+                    count(S::Failed),
+                    count(S::Skipped)
+                );
+                for (name, s) in &r.steps {
+                    if let Some(e) = &s.error {
+                        eprintln!("  {name}: {}", e.lines().next().unwrap_or_default());
+                    }
                 }
             }
             match r.status.as_str() {

@@ -818,3 +818,95 @@ fn scheduler_runs_independent_steps_in_parallel_within_resource_slots() {
         );
     }
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_and_the_rerun_finishes_the_rest() {
+    let d = Dir::new("sigint");
+    d.cases(4);
+    d.write(
+        "p.yaml",
+        r#"
+steps:
+  ct: {kind: dataset, images: "data/*.txt"}
+  slow:
+    kind: case-command
+    input: ct
+    run: echo "start $TSD_CASE" >> $TSD_WORKSPACE/count; sleep 2; cp $TSD_CASE_DIR/image.txt $TSD_OUT/
+"#,
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsdistill"))
+        .args(["run", "p.yaml", "-j", "1", "--cache"])
+        .arg(d.cache())
+        .current_dir(&d.root)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while d.count().is_empty() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "the running command was not stopped"
+    );
+    assert_eq!(d.count().len(), 1, "no new case started after Ctrl-C");
+    assert!(d.bin(&["verify"]).status.success());
+    let s = d.run("p.yaml", &[]);
+    assert_eq!(
+        s.record.steps["slow"].items,
+        Some((4, 4)),
+        "the interrupted case left nothing behind"
+    );
+    let show = text(&d.bin(&["show", "p.yaml", "slow"]));
+    assert!(show.contains("step      slow (case-command v1)"), "{show}");
+    assert!(
+        show.contains(&format!(
+            "key       {}",
+            s.record.steps["slow"].key.as_ref().unwrap()
+        )),
+        "{show}"
+    );
+    assert!(show.contains("cases     4"), "{show}");
+}
+
+#[test]
+fn compare_step_tabulates_metrics_with_deltas_against_the_baseline() {
+    let d = Dir::new("comparestep");
+    d.write(
+        "p.yaml",
+        r#"
+steps:
+  eval:
+    foreach:
+      real: {params: {dice: 0.82, hd: 4.5}}
+      weak: {params: {dice: 0.79, hd: 5.25}}
+    kind: command
+    run: |
+      echo '{"mean_dice": '$TSD_PARAM_DICE', "hd95": {"mean": '$TSD_PARAM_HD'}}' > $TSD_OUT/metrics.json
+  report: {kind: compare, inputs: eval}
+"#,
+    );
+    let s = d.run("p.yaml", &[]);
+    assert!(s.ok(), "{:?}", s.record.steps);
+    let m = &s.record.steps["report"].metrics;
+    assert_eq!(m["eval@weak.mean_dice"], 0.79);
+    assert_eq!(m["eval@real.hd95.mean"], 4.5);
+    let store = Store::open(&d.cache()).unwrap();
+    let md = std::fs::read_to_string(
+        store
+            .object_dir(s.record.steps["report"].output.as_ref().unwrap())
+            .join("comparison.md"),
+    )
+    .unwrap();
+    assert!(md.contains("| mean_dice | 0.82 | 0.79 | -0.03 |"), "{md}");
+    assert!(md.contains("| hd95.mean | 4.5 | 5.25 | +0.75 |"), "{md}");
+}

@@ -58,6 +58,9 @@ impl LockFile {
         let guard = path.with_extension("lock.flock");
         let _l = FileLock::acquire(&guard, LockMode::Exclusive).map_err(|e| e.to_string())?;
         let mut lf = Self::load(path)?;
+        if lf.steps.get(step) == Some(&entry) && lf.version == 1 {
+            return Ok(());
+        }
         lf.version = 1;
         lf.steps.insert(step.to_string(), entry);
         let bytes = serde_json::to_vec_pretty(&lf).expect("serialises");

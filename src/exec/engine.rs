@@ -214,6 +214,7 @@ impl<'a> Engine<'a> {
                 }
                 v.push(InputArtifact {
                     reference: r.text.clone(),
+                    step: r.step.clone(),
                     dir: self.store.object_dir(hash),
                     manifest,
                     items,

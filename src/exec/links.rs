@@ -12,6 +12,12 @@ pub fn link_output(store: &Store, dir: &Path, step: &str, output: &str) -> std::
     let target = dir.join(step);
     let tmp = dir.join(format!(".{step}.{}", crate::cache::store::unique_name()));
     let object = store.object_dir(output);
+    // Already pointing at this output (a no-op run): leave it alone.
+    let current = std::fs::read_link(&target)
+        .or_else(|_| std::fs::read_link(target.join("manifest.json")).map(|p| p.parent().map(Into::into).unwrap_or(p)));
+    if current.is_ok_and(|c| c == object) {
+        return Ok(());
+    }
     let manifest = store.manifest(output).map_err(std::io::Error::other)?;
     if manifest.items.is_empty() {
         std::os::unix::fs::symlink(&object, &tmp)?;

@@ -32,10 +32,12 @@
 //! - A `SwinUnetr` is cheap to clone (tensors are shared).
 
 pub mod checkpoint;
+pub mod conv_cpu;
 pub mod loss;
 pub mod ops;
 pub mod swin_unetr;
 
+pub use conv_cpu::CpuConv3d;
 pub use loss::dice_ce_loss;
 pub use ops::{Conv3dKernel, Im2colConv3d};
 pub use swin_unetr::{Downsample, SwinUnetr, SwinUnetrConfig};

@@ -9,7 +9,7 @@
 //! backward and lets a faster kernel replace [`Im2colConv3d`] without touching the model.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 use std::sync::Arc;
 
 /// Variance epsilon of PyTorch's `nn.InstanceNorm3d` and `nn.LayerNorm` defaults.
@@ -207,9 +207,10 @@ impl CustomOp3 for Conv3dGrad {
     }
 }
 
-/// The kernel used by [`conv3d_k3`]: chunked im2col + matmul.
+/// The kernel models use unless told otherwise: [`super::CpuConv3d`] (rayon + gemm on CPU,
+/// falling back to [`Im2colConv3d`] elsewhere).
 pub fn default_conv3d_kernel() -> Arc<dyn Conv3dKernel> {
-    Arc::new(Im2colConv3d::default())
+    Arc::new(super::CpuConv3d::default())
 }
 
 /// Conv3d, kernel 3, stride 1, padding 1, no bias, with autograd: x `[B,Ci,D,H,W]`,
@@ -342,9 +343,10 @@ impl Module for LayerNorm {
     }
 }
 
-/// LeakyReLU with MONAI's slope 0.01: `max(x,0) + 0.01·min(x,0)`.
+/// LeakyReLU with MONAI's slope 0.01, as `max(x, 0.01·x)` (two passes instead of candle_nn's
+/// five).
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::leaky_relu(x, LEAKY_SLOPE)
+    x.maximum(&(x * LEAKY_SLOPE)?)
 }
 
 /// Exact (erf) GELU, as `torch.nn.GELU()`.
@@ -352,9 +354,176 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
-/// Softmax over the last dim with autograd (`candle_nn::ops::softmax_last_dim` has none).
+/// Softmax over the last dim with autograd (`candle_nn::ops::softmax_last_dim` has none). On CPU
+/// (f32/f64) it is one fused parallel pass with an analytic backward; elsewhere it is composed
+/// from tensor ops.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax(x, D::Minus1)
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.apply_op1(SoftmaxLast)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+/// `softmax(x + bias)` over the last dim, where `bias` is repeated over the leading dims of `x`
+/// (its element count must divide x's): the attention-bias add and softmax in one pass on CPU,
+/// with backward to both. x `[R·G, …, n]`, bias `[G, …, n]`.
+pub fn softmax_with_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (nx, nb) = (x.elem_count(), bias.elem_count());
+    if nb == 0 || nx % nb != 0 || x.dims().last() != bias.dims().last() {
+        candle_core::bail!(
+            "softmax_with_bias: bias {:?} does not tile x {:?}",
+            bias.dims(),
+            x.dims()
+        );
+    }
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if cpu && x.dtype() == bias.dtype() {
+        x.contiguous()?.apply_op2(&bias.contiguous()?, SoftmaxBias)
+    } else {
+        // [R·G…, n] -> [R, G…, n] + [1, G…, n]
+        let mut dims = vec![nx / nb];
+        dims.extend_from_slice(bias.dims());
+        let z = x.reshape(dims)?.broadcast_add(&bias.unsqueeze(0)?)?;
+        candle_nn::ops::softmax(&z, D::Minus1)?.reshape(x.shape())
+    }
+}
+
+/// Fused CPU `softmax(x + tiled bias)`; backward `dz = y·(g − Σ g·y)`, `dx = dz`,
+/// `dbias = Σ_tiles dz`.
+struct SoftmaxBias;
+
+fn softmax_bias_rows<T>(x: &[T], bias: &[T], n: usize) -> Vec<T>
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    use rayon::prelude::*;
+    let mut out = vec![T::zero(); x.len()];
+    let per = bias.len();
+    // Chunks of whole bias tiles' rows keep the rayon tasks coarse.
+    let rows_per_task = (4096 / n).max(1);
+    out.par_chunks_mut(n * rows_per_task)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            for (j, row) in chunk.chunks_mut(n).enumerate() {
+                let start = (t * rows_per_task + j) * n;
+                let (xs, bs) = (&x[start..start + n], &bias[start % per..start % per + n]);
+                let mut m = T::neg_infinity();
+                for k in 0..n {
+                    let v = xs[k] + bs[k];
+                    row[k] = v;
+                    m = num_traits::Float::max(m, v);
+                }
+                let mut sum = T::zero();
+                for v in row.iter_mut() {
+                    *v = (*v - m).exp();
+                    sum = sum + *v;
+                }
+                let inv = T::one() / sum;
+                for v in row.iter_mut() {
+                    *v = *v * inv;
+                }
+            }
+        });
+    out
+}
+
+impl candle_core::CustomOp2 for SoftmaxBias {
+    fn name(&self) -> &'static str {
+        "softmax-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = l1.dims().last().copied().unwrap_or(1);
+        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("softmax-bias: inputs must be contiguous")
+        };
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(bias)) => {
+                CpuStorage::F32(softmax_bias_rows(&x[a..b], &bias[c..d], n))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(bias)) => {
+                CpuStorage::F64(softmax_bias_rows(&x[a..b], &bias[c..d], n))
+            }
+            _ => candle_core::bail!("softmax-bias: f32/f64 only, same dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        let dz = (y * g.broadcast_sub(&dot)?)?;
+        let tiles = dz.elem_count() / bias.elem_count();
+        let db = dz
+            .reshape((tiles, bias.elem_count()))?
+            .sum(0)?
+            .reshape(bias.shape())?;
+        Ok((Some(dz), Some(db)))
+    }
+}
+
+/// Fused CPU softmax over the last dim; backward `dx = y·(g − Σ g·y)`.
+struct SoftmaxLast;
+
+fn softmax_rows<T>(src: &[T], n: usize) -> Vec<T>
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    use rayon::prelude::*;
+    let mut out = src.to_vec();
+    out.par_chunks_mut(n).for_each(|row| {
+        let m = row
+            .iter()
+            .copied()
+            .fold(T::neg_infinity(), num_traits::Float::max);
+        let mut sum = T::zero();
+        for v in row.iter_mut() {
+            *v = (*v - m).exp();
+            sum = sum + *v;
+        }
+        let inv = T::one() / sum;
+        for v in row.iter_mut() {
+            *v = *v * inv;
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = l.dims().last().copied().unwrap_or(1);
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("softmax-last: input must be contiguous")
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(softmax_rows(&v[a..b], n)),
+            CpuStorage::F64(v) => CpuStorage::F64(softmax_rows(&v[a..b], n)),
+            _ => candle_core::bail!("softmax-last: f32/f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * g.broadcast_sub(&dot)?)?))
+    }
 }
 
 #[cfg(test)]
@@ -508,8 +677,18 @@ mod tests {
         assert!(max_diff(&flat(&y), &naive_conv3d(&x, &w, 1)) < 1e-12);
         // A tiny column budget forces one depth plane per chunk.
         let chunked: Arc<dyn Conv3dKernel> = Arc::new(Im2colConv3d { max_col_elems: 1 });
-        let y1 = conv3d_k3(&x, &w, &chunked).unwrap();
-        assert!(max_diff(&flat(&y1), &flat(&y)) < 1e-12);
+        let im2col: Arc<dyn Conv3dKernel> = Arc::new(Im2colConv3d::default());
+        for k in [chunked, im2col] {
+            let y1 = conv3d_k3(&x, &w, &k).unwrap();
+            assert!(max_diff(&flat(&y1), &flat(&y)) < 1e-12);
+        }
+        // f32 path of the CPU kernel.
+        let (x32, w32) = (
+            x.to_dtype(DType::F32).unwrap(),
+            w.to_dtype(DType::F32).unwrap(),
+        );
+        let y32 = conv3d_k3(&x32, &w32, &kernel).unwrap();
+        assert!(max_diff(&flat(&y32), &flat(&y)) < 1e-5);
     }
 
     #[test]
@@ -517,7 +696,8 @@ mod tests {
         let x = randn(&[2, 2, 3, 3, 4], 3);
         let w = randn(&[3, 2, 3, 3, 3], 4);
         let chunked: Arc<dyn Conv3dKernel> = Arc::new(Im2colConv3d { max_col_elems: 1 });
-        for kernel in [default_conv3d_kernel(), chunked] {
+        let im2col: Arc<dyn Conv3dKernel> = Arc::new(Im2colConv3d::default());
+        for kernel in [default_conv3d_kernel(), im2col, chunked] {
             check_grads(
                 &[x.clone(), w.clone()],
                 &|t| conv3d_k3(&t[0], &t[1], &kernel).unwrap(),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub mod case_command;
 pub mod command;
+pub mod compare;
 pub mod dataset;
 pub mod phantom;
 pub mod resample;
@@ -27,6 +28,7 @@ pub static STEPS: &[&dyn StepKind] = &[
     &resample::Resample,
     &command::Command,
     &case_command::CaseCommand,
+    &compare::Compare,
 ];
 
 /// Looks a kind up by its YAML name.
@@ -97,6 +99,8 @@ impl Default for Resources {
 pub struct InputArtifact {
     /// The reference as written (`prep.train`).
     pub reference: String,
+    /// The step instance it resolved to (`eval@weak`).
+    pub step: String,
     /// Directory of the object in the store (read-only).
     pub dir: PathBuf,
     /// Its manifest.
