@@ -779,6 +779,7 @@ mod steps {
         };
         InputArtifact {
             reference: "ct".into(),
+            step: "ct".into(),
             dir: PathBuf::from("/nonexistent"),
             manifest,
             items: ids
