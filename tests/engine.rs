@@ -910,3 +910,37 @@ steps:
     assert!(md.contains("| mean_dice | 0.82 | 0.79 | -0.03 |"), "{md}");
     assert!(md.contains("| hd95.mean | 4.5 | 5.25 | +0.75 |"), "{md}");
 }
+
+#[test]
+fn set_overrides_parse_yaml_values() {
+    let o: Override = "params.spacing=[1.5, 1.5, 2.0]".parse().unwrap();
+    assert_eq!(
+        (o.target.as_str(), o.path.clone()),
+        ("params", vec!["spacing".to_string()])
+    );
+    assert_eq!(o.value, serde_json::json!([1.5, 1.5, 2.0]));
+    let o: Override = "train@weak.model.feature_size=24".parse().unwrap();
+    assert_eq!(o.target, "train@weak");
+    assert_eq!(o.path, ["model", "feature_size"]);
+    assert_eq!(o.value, serde_json::json!(24));
+    let o: Override = "train.lr=3e-4".parse().unwrap();
+    assert_eq!(o.value, serde_json::json!(0.0003));
+    assert!("nodot=1".parse::<Override>().is_err());
+    assert!("params.x"
+        .parse::<Override>()
+        .unwrap_err()
+        .contains("KEY=VALUE"));
+    let d = Dir::new("setmissing");
+    d.write(
+        "p.yaml",
+        "params: {lr: 1}\nsteps:\n  a: {kind: command, run: ls}\n",
+    );
+    let e = pipeline::load(&d.path("p.yaml"), &["params.lrr=2".parse().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--set params.lrr=2: the pipeline has no parameter `params.lrr`"),
+        "{e}"
+    );
+    assert!(e.contains("did you mean `lr`?"), "{e}");
+}
