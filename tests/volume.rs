@@ -987,6 +987,13 @@ mod steps {
         let g: serde_json::Value =
             serde_json::from_str(&fs_err::read_to_string(out.join("grid.json")).unwrap()).unwrap();
         assert!(g["crop"]["lo"].is_array());
+        // Back onto the uncropped LPS grid: the cut-away air is background again.
+        let src = tsdistill::steps::resample::source_grid(&out).unwrap();
+        let orig = nifti::read(item.join("label.nii.gz")).unwrap();
+        let back = to_original_grid(&lab, &src).unwrap();
+        assert_eq!(back.shape, orig.shape);
+        let agree = agreement(&back.data.to_labels(), &orig.data.to_labels());
+        assert!(agree > 0.99, "cropped round trip agreement {agree}");
 
         // A label on another grid is an error naming both files.
         fs_err::copy(vdir().join("nifti/int16.nii.gz"), item.join("label.nii.gz")).unwrap();
