@@ -818,3 +818,176 @@ fn scheduler_runs_independent_steps_in_parallel_within_resource_slots() {
         );
     }
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_and_the_rerun_finishes_the_rest() {
+    let d = Dir::new("sigint");
+    d.cases(4);
+    d.write(
+        "p.yaml",
+        r#"
+steps:
+  ct: {kind: dataset, images: "data/*.txt"}
+  slow:
+    kind: case-command
+    input: ct
+    run: echo "start $TSD_CASE" >> $TSD_WORKSPACE/count; sleep 2; cp $TSD_CASE_DIR/image.txt $TSD_OUT/
+"#,
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsdistill"))
+        .args(["run", "p.yaml", "-j", "1", "--cache"])
+        .arg(d.cache())
+        .current_dir(&d.root)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while d.count().is_empty() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "the running command was not stopped"
+    );
+    assert_eq!(d.count().len(), 1, "no new case started after Ctrl-C");
+    assert!(d.bin(&["verify"]).status.success());
+    let s = d.run("p.yaml", &[]);
+    assert_eq!(
+        s.record.steps["slow"].items,
+        Some((4, 4)),
+        "the interrupted case left nothing behind"
+    );
+    let show = text(&d.bin(&["show", "p.yaml", "slow"]));
+    assert!(show.contains("step      slow (case-command v1)"), "{show}");
+    assert!(
+        show.contains(&format!(
+            "key       {}",
+            s.record.steps["slow"].key.as_ref().unwrap()
+        )),
+        "{show}"
+    );
+    assert!(show.contains("cases     4"), "{show}");
+}
+
+#[test]
+fn compare_step_tabulates_metrics_with_deltas_against_the_baseline() {
+    let d = Dir::new("comparestep");
+    d.write(
+        "p.yaml",
+        r#"
+steps:
+  eval:
+    foreach:
+      real: {params: {dice: 0.82, hd: 4.5}}
+      weak: {params: {dice: 0.79, hd: 5.25}}
+    kind: command
+    run: |
+      echo '{"mean_dice": '$TSD_PARAM_DICE', "hd95": {"mean": '$TSD_PARAM_HD'}}' > $TSD_OUT/metrics.json
+  report: {kind: compare, inputs: eval}
+"#,
+    );
+    let s = d.run("p.yaml", &[]);
+    assert!(s.ok(), "{:?}", s.record.steps);
+    let m = &s.record.steps["report"].metrics;
+    assert_eq!(m["eval@weak.mean_dice"], 0.79);
+    assert_eq!(m["eval@real.hd95.mean"], 4.5);
+    let store = Store::open(&d.cache()).unwrap();
+    let md = std::fs::read_to_string(
+        store
+            .object_dir(s.record.steps["report"].output.as_ref().unwrap())
+            .join("comparison.md"),
+    )
+    .unwrap();
+    assert!(md.contains("| mean_dice | 0.82 | 0.79 | -0.03 |"), "{md}");
+    assert!(md.contains("| hd95.mean | 4.5 | 5.25 | +0.75 |"), "{md}");
+}
+
+#[test]
+fn set_overrides_parse_yaml_values() {
+    let o: Override = "params.spacing=[1.5, 1.5, 2.0]".parse().unwrap();
+    assert_eq!(
+        (o.target.as_str(), o.path.clone()),
+        ("params", vec!["spacing".to_string()])
+    );
+    assert_eq!(o.value, serde_json::json!([1.5, 1.5, 2.0]));
+    let o: Override = "train@weak.model.feature_size=24".parse().unwrap();
+    assert_eq!(o.target, "train@weak");
+    assert_eq!(o.path, ["model", "feature_size"]);
+    assert_eq!(o.value, serde_json::json!(24));
+    let o: Override = "train.lr=3e-4".parse().unwrap();
+    assert_eq!(o.value, serde_json::json!(0.0003));
+    assert!("nodot=1".parse::<Override>().is_err());
+    assert!("params.x"
+        .parse::<Override>()
+        .unwrap_err()
+        .contains("KEY=VALUE"));
+    let d = Dir::new("setmissing");
+    d.write(
+        "p.yaml",
+        "params: {lr: 1}\nsteps:\n  a: {kind: command, run: ls}\n",
+    );
+    let e = pipeline::load(&d.path("p.yaml"), &["params.lrr=2".parse().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--set params.lrr=2: the pipeline has no parameter `params.lrr`"),
+        "{e}"
+    );
+    assert!(e.contains("did you mean `lr`?"), "{e}");
+}
+
+#[test]
+fn group_of_another_step_selects_cases() {
+    // DESIGN's `prep@split.train`: prep is computed on every case, split
+    // names groups, and the reader takes prep's cases in split's group.
+    let d = Dir::new("select");
+    d.cases(4);
+    d.write(
+        "p.yaml",
+        r#"
+steps:
+  ct: {kind: dataset, images: "data/*.txt"}
+  split: {kind: split, input: ct, cases: {train: [case01, case03], test: [case02]}}
+  prep: {kind: case-command, input: ct, run: "tr a-z A-Z < $TSD_CASE_DIR/image.txt > $TSD_OUT/image.txt"}
+  use: {kind: case-command, input: prep@split.train, run: "cp $TSD_CASE_DIR/image.txt $TSD_OUT/"}
+"#,
+    );
+    let dag = text(&d.bin(&["dag", "p.yaml"]));
+    assert!(
+        dag.contains("use (case-command)  ← input: prep@split.train"),
+        "{dag}"
+    );
+    let s = d.run("p.yaml", &[]);
+    assert!(s.ok(), "{:?}", s.record.steps);
+    assert_eq!(s.record.steps["use"].items, Some((2, 2)));
+    let store = Store::open(&d.cache()).unwrap();
+    let m = store
+        .manifest(s.record.steps["use"].output.as_ref().unwrap())
+        .unwrap();
+    assert_eq!(m.items.keys().collect::<Vec<_>>(), ["case01", "case03"]);
+    let item = store.object_dir(&m.items["case03"]).join("image.txt");
+    assert_eq!(std::fs::read_to_string(item).unwrap(), "SCAN 3\n");
+    // A different group of the same split changes the key of `use` only.
+    d.write(
+        "p.yaml",
+        &std::fs::read_to_string(d.path("p.yaml"))
+            .unwrap()
+            .replace("case03]", "case04]"),
+    );
+    let s = d.run("p.yaml", &[]);
+    assert_eq!(ran(&s), ["split", "use"]);
+    assert_eq!(
+        s.record.steps["use"].items,
+        Some((1, 2)),
+        "case01 is reused"
+    );
+}

@@ -13,16 +13,24 @@ use std::path::{Path, PathBuf};
 
 pub mod case_command;
 pub mod command;
+pub mod compare;
 pub mod dataset;
+pub mod phantom;
+pub mod resample;
 mod shell;
 pub mod split;
+pub mod totalseg;
 
 /// Every step kind the engine knows, in documentation order.
 pub static STEPS: &[&dyn StepKind] = &[
     &dataset::Dataset,
+    &phantom::Phantom,
     &split::Split,
+    &resample::Resample,
     &command::Command,
     &case_command::CaseCommand,
+    &totalseg::TotalSegLabels,
+    &compare::Compare,
 ];
 
 /// Looks a kind up by its YAML name.
@@ -93,6 +101,8 @@ impl Default for Resources {
 pub struct InputArtifact {
     /// The reference as written (`prep.train`).
     pub reference: String,
+    /// The step instance it resolved to (`eval@weak`).
+    pub step: String,
     /// Directory of the object in the store (read-only).
     pub dir: PathBuf,
     /// Its manifest.
