@@ -944,3 +944,50 @@ fn set_overrides_parse_yaml_values() {
     );
     assert!(e.contains("did you mean `lr`?"), "{e}");
 }
+
+#[test]
+fn group_of_another_step_selects_cases() {
+    // DESIGN's `prep@split.train`: prep is computed on every case, split
+    // names groups, and the reader takes prep's cases in split's group.
+    let d = Dir::new("select");
+    d.cases(4);
+    d.write(
+        "p.yaml",
+        r#"
+steps:
+  ct: {kind: dataset, images: "data/*.txt"}
+  split: {kind: split, input: ct, cases: {train: [case01, case03], test: [case02]}}
+  prep: {kind: case-command, input: ct, run: "tr a-z A-Z < $TSD_CASE_DIR/image.txt > $TSD_OUT/image.txt"}
+  use: {kind: case-command, input: prep@split.train, run: "cp $TSD_CASE_DIR/image.txt $TSD_OUT/"}
+"#,
+    );
+    let dag = text(&d.bin(&["dag", "p.yaml"]));
+    assert!(
+        dag.contains("use (case-command)  ← input: prep@split.train"),
+        "{dag}"
+    );
+    let s = d.run("p.yaml", &[]);
+    assert!(s.ok(), "{:?}", s.record.steps);
+    assert_eq!(s.record.steps["use"].items, Some((2, 2)));
+    let store = Store::open(&d.cache()).unwrap();
+    let m = store
+        .manifest(s.record.steps["use"].output.as_ref().unwrap())
+        .unwrap();
+    assert_eq!(m.items.keys().collect::<Vec<_>>(), ["case01", "case03"]);
+    let item = store.object_dir(&m.items["case03"]).join("image.txt");
+    assert_eq!(std::fs::read_to_string(item).unwrap(), "SCAN 3\n");
+    // A different group of the same split changes the key of `use` only.
+    d.write(
+        "p.yaml",
+        &std::fs::read_to_string(d.path("p.yaml"))
+            .unwrap()
+            .replace("case03]", "case04]"),
+    );
+    let s = d.run("p.yaml", &[]);
+    assert_eq!(ran(&s), ["split", "use"]);
+    assert_eq!(
+        s.record.steps["use"].items,
+        Some((1, 2)),
+        "case01 is reused"
+    );
+}
