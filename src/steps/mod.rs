@@ -19,6 +19,7 @@ pub mod phantom;
 pub mod resample;
 mod shell;
 pub mod split;
+pub mod totalseg;
 
 /// Every step kind the engine knows, in documentation order.
 pub static STEPS: &[&dyn StepKind] = &[
@@ -28,6 +29,7 @@ pub static STEPS: &[&dyn StepKind] = &[
     &resample::Resample,
     &command::Command,
     &case_command::CaseCommand,
+    &totalseg::TotalSegLabels,
     &compare::Compare,
 ];
 
