@@ -15,10 +15,12 @@ pub mod case_command;
 pub mod command;
 pub mod compare;
 pub mod dataset;
+pub mod evaluate;
 pub mod phantom;
 pub mod resample;
 mod shell;
 pub mod split;
+pub mod train;
 
 /// Every step kind the engine knows, in documentation order.
 pub static STEPS: &[&dyn StepKind] = &[
@@ -28,6 +30,8 @@ pub static STEPS: &[&dyn StepKind] = &[
     &resample::Resample,
     &command::Command,
     &case_command::CaseCommand,
+    &train::Train,
+    &evaluate::Evaluate,
     &compare::Compare,
 ];
 
