@@ -5,7 +5,8 @@
 //! VmHWM, belongs to one configuration): this binary re-executes itself with `--one`, and runs
 //! `benches/nn_swinunetr_peer.py` with the venv's Python (`TSDISTILL_PYTHON`, default
 //! `/work/target/venv/bin/python`) for the peer. Threads: `TSDISTILL_BENCH_THREADS` (default 2)
-//! for both (RAYON_NUM_THREADS and torch.set_num_threads).
+//! for both (RAYON_NUM_THREADS and torch.set_num_threads). `TSDISTILL_BENCH_MODES=forward` (or
+//! `train`) restricts the modes.
 //!
 //! Reported per case: seconds per iteration of a forward (no autograd; MONAI with
 //! `use_flash_attention=True`) and of a train step (forward + DiceCE backward + AdamW), and the
@@ -147,7 +148,12 @@ fn main() {
         if !args.is_empty() && !args.iter().any(|a| a == case.name) {
             continue;
         }
+        let modes =
+            std::env::var("TSDISTILL_BENCH_MODES").unwrap_or_else(|_| "forward,train".into());
         for mode in ["forward", "train"] {
+            if !modes.split(',').any(|m| m == mode) {
+                continue;
+            }
             let dims = [case.feature, case.size, case.iters].map(|v| v.to_string());
             let ours = Command::new(&exe)
                 .args(["--one", &dims[0], &dims[1], mode, &dims[2]])

@@ -34,8 +34,10 @@ impl StepGraph {
         for (i, s) in p.steps.iter().enumerate() {
             for (slot, refs) in &s.inputs {
                 for r in refs {
-                    let j = p.index(&r.step).expect("references are resolved");
-                    graph.add_edge(nodes[j], nodes[i], slot.clone());
+                    for dep in r.steps() {
+                        let j = p.index(dep).expect("references are resolved");
+                        graph.add_edge(nodes[j], nodes[i], slot.clone());
+                    }
                 }
             }
         }
@@ -123,7 +125,12 @@ impl StepGraph {
                                 .as_ref()
                                 .map(|g| format!(".{g}"))
                                 .unwrap_or_default();
-                            ins.push(format!("{slot}: {}{g}", r.step));
+                            let sel = r
+                                .select
+                                .as_ref()
+                                .map(|s| format!("@{s}"))
+                                .unwrap_or_default();
+                            ins.push(format!("{slot}: {}{sel}{g}", r.step));
                         }
                     }
                     if !ins.is_empty() {

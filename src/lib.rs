@@ -9,6 +9,7 @@
 //! - [`steps`]: one file per step kind behind the [`steps::StepKind`] trait;
 //! - [`volume`]: NIfTI I/O, orientation, resampling, phantoms;
 //! - [`nn`]: 3D convolutions and SwinUNETR on Candle;
+//! - [`totalseg`]: TotalSegmentator outputs → BTCV label maps;
 //! - [`train`]: patch sampling, training loop, sliding-window inference.
 
 pub mod cache;
@@ -18,5 +19,6 @@ pub mod nn;
 pub mod pipeline;
 pub mod report;
 pub mod steps;
+pub mod totalseg;
 pub mod train;
 pub mod volume;

@@ -910,3 +910,84 @@ steps:
     assert!(md.contains("| mean_dice | 0.82 | 0.79 | -0.03 |"), "{md}");
     assert!(md.contains("| hd95.mean | 4.5 | 5.25 | +0.75 |"), "{md}");
 }
+
+#[test]
+fn set_overrides_parse_yaml_values() {
+    let o: Override = "params.spacing=[1.5, 1.5, 2.0]".parse().unwrap();
+    assert_eq!(
+        (o.target.as_str(), o.path.clone()),
+        ("params", vec!["spacing".to_string()])
+    );
+    assert_eq!(o.value, serde_json::json!([1.5, 1.5, 2.0]));
+    let o: Override = "train@weak.model.feature_size=24".parse().unwrap();
+    assert_eq!(o.target, "train@weak");
+    assert_eq!(o.path, ["model", "feature_size"]);
+    assert_eq!(o.value, serde_json::json!(24));
+    let o: Override = "train.lr=3e-4".parse().unwrap();
+    assert_eq!(o.value, serde_json::json!(0.0003));
+    assert!("nodot=1".parse::<Override>().is_err());
+    assert!("params.x"
+        .parse::<Override>()
+        .unwrap_err()
+        .contains("KEY=VALUE"));
+    let d = Dir::new("setmissing");
+    d.write(
+        "p.yaml",
+        "params: {lr: 1}\nsteps:\n  a: {kind: command, run: ls}\n",
+    );
+    let e = pipeline::load(&d.path("p.yaml"), &["params.lrr=2".parse().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--set params.lrr=2: the pipeline has no parameter `params.lrr`"),
+        "{e}"
+    );
+    assert!(e.contains("did you mean `lr`?"), "{e}");
+}
+
+#[test]
+fn group_of_another_step_selects_cases() {
+    // DESIGN's `prep@split.train`: prep is computed on every case, split
+    // names groups, and the reader takes prep's cases in split's group.
+    let d = Dir::new("select");
+    d.cases(4);
+    d.write(
+        "p.yaml",
+        r#"
+steps:
+  ct: {kind: dataset, images: "data/*.txt"}
+  split: {kind: split, input: ct, cases: {train: [case01, case03], test: [case02]}}
+  prep: {kind: case-command, input: ct, run: "tr a-z A-Z < $TSD_CASE_DIR/image.txt > $TSD_OUT/image.txt"}
+  use: {kind: case-command, input: prep@split.train, run: "cp $TSD_CASE_DIR/image.txt $TSD_OUT/"}
+"#,
+    );
+    let dag = text(&d.bin(&["dag", "p.yaml"]));
+    assert!(
+        dag.contains("use (case-command)  ← input: prep@split.train"),
+        "{dag}"
+    );
+    let s = d.run("p.yaml", &[]);
+    assert!(s.ok(), "{:?}", s.record.steps);
+    assert_eq!(s.record.steps["use"].items, Some((2, 2)));
+    let store = Store::open(&d.cache()).unwrap();
+    let m = store
+        .manifest(s.record.steps["use"].output.as_ref().unwrap())
+        .unwrap();
+    assert_eq!(m.items.keys().collect::<Vec<_>>(), ["case01", "case03"]);
+    let item = store.object_dir(&m.items["case03"]).join("image.txt");
+    assert_eq!(std::fs::read_to_string(item).unwrap(), "SCAN 3\n");
+    // A different group of the same split changes the key of `use` only.
+    d.write(
+        "p.yaml",
+        &std::fs::read_to_string(d.path("p.yaml"))
+            .unwrap()
+            .replace("case03]", "case04]"),
+    );
+    let s = d.run("p.yaml", &[]);
+    assert_eq!(ran(&s), ["split", "use"]);
+    assert_eq!(
+        s.record.steps["use"].items,
+        Some((1, 2)),
+        "case01 is reused"
+    );
+}

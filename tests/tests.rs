@@ -4,5 +4,6 @@
 mod common;
 mod engine;
 mod nn;
+mod totalseg;
 mod train;
 mod volume;

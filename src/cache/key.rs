@@ -18,6 +18,9 @@ pub struct InputHash {
     pub group: Option<String>,
     /// The upstream output object's content hash.
     pub hash: String,
+    /// For `prep@split.train`: the step the group comes from, and its output hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<(String, String)>,
 }
 
 /// Everything a step key is made of.
@@ -43,7 +46,13 @@ impl KeyComponents {
         let inputs: BTreeMap<&String, Vec<Value>> = self
             .inputs
             .iter()
-            .map(|(slot, v)| (slot, v.iter().map(|i| json!([i.hash, i.group])).collect()))
+            .map(|(slot, v)| {
+                let refs = v.iter().map(|i| match &i.select {
+                    None => json!([i.hash, i.group]),
+                    Some((_, h)) => json!([i.hash, i.group, h]),
+                });
+                (slot, refs.collect())
+            })
             .collect();
         hash_json(&json!({
             "kind": self.kind,

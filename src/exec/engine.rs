@@ -151,10 +151,20 @@ impl<'a> Engine<'a> {
                 let hash = outputs
                     .get(&r.step)
                     .ok_or_else(|| format!("input `{}` has no output yet", r.step))?;
+                let select = match &r.select {
+                    None => None,
+                    Some(src) => {
+                        let h = outputs
+                            .get(src)
+                            .ok_or_else(|| format!("input `{src}` has no output yet"))?;
+                        Some((src.clone(), h.clone()))
+                    }
+                };
                 v.push(InputHash {
                     step: r.step.clone(),
                     group: r.group.clone(),
                     hash: hash.clone(),
+                    select,
                 });
             }
             inputs.insert(slot.clone(), v);
@@ -180,18 +190,28 @@ impl<'a> Engine<'a> {
             for r in refs {
                 let hash = &outputs[&r.step];
                 let manifest = self.store.manifest(hash).map_err(|e| e.to_string())?;
+                // `prep@split.train`: the group comes from another step's output.
+                let (group_source, group_step) = match &r.select {
+                    None => (manifest.clone(), &r.step),
+                    Some(src) => (
+                        self.store
+                            .manifest(&outputs[src])
+                            .map_err(|e| e.to_string())?,
+                        src,
+                    ),
+                };
                 let ids: Vec<&String> = match &r.group {
                     None => manifest.items.keys().collect(),
-                    Some(g) => manifest
+                    Some(g) => group_source
                         .groups
                         .get(g)
                         .ok_or_else(|| {
                             let have: Vec<&str> =
-                                manifest.groups.keys().map(String::as_str).collect();
+                                group_source.groups.keys().map(String::as_str).collect();
                             format!(
                                 "`{}`: step `{}` has no group `{g}` (its groups: {})",
                                 r.text,
-                                r.step,
+                                group_step,
                                 if have.is_empty() {
                                     "none".to_string()
                                 } else {

@@ -43,8 +43,9 @@ impl Engine<'_> {
                 .inputs
                 .values()
                 .flatten()
-                .filter(|r| !known.contains_key(&r.step))
-                .map(|r| r.step.as_str())
+                .flat_map(|r| r.steps())
+                .filter(|s| !known.contains_key(*s))
+                .map(|s| s.as_str())
                 .collect();
             let forced = opts
                 .force
@@ -139,8 +140,17 @@ impl Engine<'_> {
     ) -> Option<(usize, usize)> {
         let r = step.inputs.get(slot)?.first()?;
         let m = self.store.manifest(known.get(&r.step)?).ok()?;
+        let source = match &r.select {
+            Some(src) => self.store.manifest(known.get(src)?).ok()?,
+            None => m.clone(),
+        };
         let ids: Vec<&String> = match &r.group {
-            Some(g) => m.groups.get(g)?.iter().collect(),
+            Some(g) => source
+                .groups
+                .get(g)?
+                .iter()
+                .filter(|id| m.items.contains_key(*id))
+                .collect(),
             None => m.items.keys().collect(),
         };
         let missing = ids

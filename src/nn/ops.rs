@@ -9,7 +9,7 @@
 //! backward and lets a faster kernel replace [`Im2colConv3d`] without touching the model.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor, D};
 use std::sync::Arc;
 
 /// Variance epsilon of PyTorch's `nn.InstanceNorm3d` and `nn.LayerNorm` defaults.
@@ -145,22 +145,56 @@ fn flip_transpose(w: &Tensor) -> Result<Tensor> {
         .reshape((ci, co, 3, 3, 3))
 }
 
-/// Custom op `(x, w, y) -> y` whose backward is the convolution's: it carries the detached
-/// result `y` of a [`Conv3dKernel`] into the autograd graph of `x` and `w`.
-struct Conv3dGrad {
-    kernel: Arc<dyn Conv3dKernel>,
-}
+/// Hands a result computed outside the autograd graph to a custom op's forward: the op takes it
+/// out (so the graph keeps only the op's output, not a second copy) and returns a copy of its
+/// storage. Works on every device whose storage can be cloned.
+struct Carried(std::sync::Mutex<Option<Tensor>>);
 
-impl Conv3dGrad {
-    fn check_layout(l: &Layout) -> Result<()> {
-        match l.contiguous_offsets() {
-            Some((0, _)) => Ok(()),
-            _ => candle_core::bail!("conv3d grad carrier: result must be contiguous from offset 0"),
+impl Carried {
+    fn new(y: Tensor) -> Self {
+        Self(std::sync::Mutex::new(Some(y)))
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        let y = self.0.lock().expect("carried lock").take();
+        let Some(y) = y else {
+            candle_core::bail!("carried result already used")
+        };
+        Ok(y)
+    }
+
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(s), Some((0, _))) => {
+                Ok((s.try_clone(layout)?, layout.shape().clone()))
+            }
+            _ => candle_core::bail!("carried result must be a contiguous CPU tensor"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cuda(s), Some((0, _))) => {
+                Ok((s.try_clone(layout)?, layout.shape().clone()))
+            }
+            _ => candle_core::bail!("carried result must be a contiguous CUDA tensor"),
         }
     }
 }
 
-impl CustomOp3 for Conv3dGrad {
+/// Custom op `(x, w) -> y` carrying a detached [`Conv3dKernel`] result `y` into the autograd
+/// graph, with the convolution's backward.
+struct Conv3dGrad {
+    kernel: Arc<dyn Conv3dKernel>,
+    y: Carried,
+}
+
+impl candle_core::CustomOp2 for Conv3dGrad {
     fn name(&self) -> &'static str {
         "conv3d-k3"
     }
@@ -171,11 +205,8 @@ impl CustomOp3 for Conv3dGrad {
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::check_layout(ly)?;
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
+        self.y.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -185,25 +216,21 @@ impl CustomOp3 for Conv3dGrad {
         _: &Layout,
         _: &candle_core::CudaStorage,
         _: &Layout,
-        y: &candle_core::CudaStorage,
-        ly: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Self::check_layout(ly)?;
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
+        self.y.cuda()
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _y_in: &Tensor,
-        _y_out: &Tensor,
+        _y: &Tensor,
         g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (x, w, g) = (x.detach(), w.detach(), g.detach().contiguous()?);
         let dx = self.kernel.forward(&g, &flip_transpose(&w)?)?;
         let dw = self.kernel.grad_weight(&x, &g)?;
-        Ok((Some(dx), Some(dw), None))
+        Ok((Some(dx), Some(dw)))
     }
 }
 
@@ -229,13 +256,11 @@ pub fn conv3d_k3(x: &Tensor, w: &Tensor, kernel: &Arc<dyn Conv3dKernel>) -> Resu
     if !x.track_op() && !w.track_op() {
         return Ok(y);
     }
-    x.apply_op3(
-        w,
-        &y,
-        Conv3dGrad {
-            kernel: kernel.clone(),
-        },
-    )
+    let op = Conv3dGrad {
+        kernel: kernel.clone(),
+        y: Carried::new(y),
+    };
+    x.apply_op2(w, op)
 }
 
 /// 1×1×1 convolution: x `[B,Ci,D,H,W]`, w `[Co,Ci,1,1,1]`, optional bias `[Co]`.
@@ -295,9 +320,13 @@ pub fn conv_transpose3d_k2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// Non-affine InstanceNorm3d (PyTorch defaults: biased variance over D,H,W per (b,c), eps 1e-5,
-/// no running stats): x `[B,C,D,H,W]`.
+/// no running stats): x `[B,C,D,H,W]`. On CPU (f32/f64) one fused op that keeps only its input
+/// and output for backward; elsewhere composed from tensor ops.
 pub fn instance_norm3d(x: &Tensor) -> Result<Tensor> {
     let (b, c, d, h, w) = x.dims5()?;
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.contiguous()?.apply_op1(InstanceNorm { row: d * h * w });
+    }
     // [B,C,D,H,W] -> [B,C,M]
     let xf = x.reshape((b, c, d * h * w))?;
     let mean = xf.mean_keepdim(2)?;
@@ -305,6 +334,64 @@ pub fn instance_norm3d(x: &Tensor) -> Result<Tensor> {
     let var = xc.sqr()?.mean_keepdim(2)?;
     let y = xc.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
     y.reshape((b, c, d, h, w))
+}
+
+/// Fused CPU instance norm over rows of `row` elements; backward
+/// `dx = (g − mean(g) − y·mean(g·y)) / σ`.
+struct InstanceNorm {
+    row: usize,
+}
+
+fn instance_norm_rows<T>(x: &[T], n: usize) -> Vec<T>
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    use rayon::prelude::*;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .for_each(|(o, xs)| {
+            // f64 accumulation: the rows are long (up to 96³).
+            let f = |v: &T| candle_core::WithDType::to_f64(*v);
+            let mean = xs.iter().map(f).sum::<f64>() / n as f64;
+            let var = xs.iter().map(|v| (f(v) - mean).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (var + NORM_EPS).sqrt();
+            for (o, v) in o.iter_mut().zip(xs) {
+                *o = <T as candle_core::WithDType>::from_f64((f(v) - mean) * inv);
+            }
+        });
+    out
+}
+
+impl candle_core::CustomOp1 for InstanceNorm {
+    fn name(&self) -> &'static str {
+        "instance-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("instance-norm: input must be contiguous")
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(instance_norm_rows(&v[a..b], self.row)),
+            CpuStorage::F64(v) => CpuStorage::F64(instance_norm_rows(&v[a..b], self.row)),
+            _ => candle_core::bail!("instance-norm: f32/f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let rows = x.elem_count() / self.row;
+        let (orig, shape) = (x.shape().clone(), (rows, self.row));
+        let (x, y, g) = (x.reshape(shape)?, y.reshape(shape)?, g.reshape(shape)?);
+        let xc = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+        let inv = (xc.sqr()?.mean_keepdim(1)? + NORM_EPS)?.sqrt()?.recip()?;
+        drop(xc);
+        let mg = g.mean_keepdim(1)?;
+        let mgy = (&g * &y)?.mean_keepdim(1)?;
+        let dx = (g.broadcast_sub(&mg)? - y.broadcast_mul(&mgy)?)?.broadcast_mul(&inv)?;
+        Ok(Some(dx.reshape(orig)?))
+    }
 }
 
 /// Layer normalisation over the last dim with optional affine parameters, built from tensor ops
@@ -343,10 +430,59 @@ impl Module for LayerNorm {
     }
 }
 
-/// LeakyReLU with MONAI's slope 0.01, as `max(x, 0.01·x)` (two passes instead of candle_nn's
-/// five).
+/// LeakyReLU with MONAI's slope 0.01. On CPU (f32/f64) one fused op; elsewhere
+/// `max(x, 0.01·x)`.
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    x.maximum(&(x * LEAKY_SLOPE)?)
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(LeakyRelu)
+    } else {
+        x.maximum(&(x * LEAKY_SLOPE)?)
+    }
+}
+
+/// Fused CPU LeakyReLU; backward `g · (x > 0 ? 1 : 0.01)`.
+struct LeakyRelu;
+
+fn leaky_rows<T>(x: &[T]) -> Vec<T>
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    use rayon::prelude::*;
+    let slope = <T as candle_core::WithDType>::from_f64(LEAKY_SLOPE);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(x.par_chunks(1 << 16))
+        .for_each(|(o, xs)| {
+            for (o, &v) in o.iter_mut().zip(xs) {
+                *o = if v > T::zero() { v } else { v * slope };
+            }
+        });
+    out
+}
+
+impl candle_core::CustomOp1 for LeakyRelu {
+    fn name(&self) -> &'static str {
+        "leaky-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("leaky-relu: input must be contiguous")
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(leaky_rows(&v[a..b])),
+            CpuStorage::F64(v) => CpuStorage::F64(leaky_rows(&v[a..b])),
+            _ => candle_core::bail!("leaky-relu: f32/f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // factor = 0.01 + 0.99·[x > 0]
+        let pos = x.gt(0.0)?.to_dtype(g.dtype())?;
+        let factor = ((pos * (1.0 - LEAKY_SLOPE))? + LEAKY_SLOPE)?;
+        Ok(Some((g * factor)?))
+    }
 }
 
 /// Exact (erf) GELU, as `torch.nn.GELU()`.
@@ -386,6 +522,80 @@ pub fn softmax_with_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         dims.extend_from_slice(bias.dims());
         let z = x.reshape(dims)?.broadcast_add(&bias.unsqueeze(0)?)?;
         candle_nn::ops::softmax(&z, D::Minus1)?.reshape(x.shape())
+    }
+}
+
+/// Attention probabilities `softmax(q·kᵀ + bias)` over the last dim, `bias` tiled over the
+/// leading dims as in [`softmax_with_bias`]: q, k `[Bw,h,n,hd]` (q already scaled), bias
+/// `[G,h,n,n]` → `[Bw,h,n,n]`. The logits `q·kᵀ` are not kept for backward (which needs only the
+/// probabilities, q and k), halving the attention memory of the autograd graph.
+pub fn attention_probs(q: &Tensor, k: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let logits = q.detach().matmul(&k.detach().t()?)?;
+    let y = softmax_with_bias(&logits, &bias.detach())?.contiguous()?;
+    drop(logits);
+    if !q.track_op() && !k.track_op() && !bias.track_op() {
+        return Ok(y);
+    }
+    q.apply_op3(k, bias, AttnProbs { y: Carried::new(y) })
+}
+
+/// Carrier of [`attention_probs`]' result, with its backward.
+struct AttnProbs {
+    y: Carried,
+}
+
+impl candle_core::CustomOp3 for AttnProbs {
+    fn name(&self) -> &'static str {
+        "attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.y.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.y.cuda()
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        bias: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, y, g) = (q.detach(), k.detach(), y.detach(), g.detach());
+        // d(logits) = y·(g − Σ g·y)
+        let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
+        let dz = (&y * g.broadcast_sub(&dot)?)?;
+        drop(g);
+        // logits = q·kᵀ: dq = dz·k, dk = dzᵀ·q
+        let dq = dz.matmul(&k)?;
+        let dk = dz.t()?.matmul(&q)?;
+        let tiles = dz.elem_count() / bias.elem_count();
+        let db = dz
+            .reshape((tiles, bias.elem_count()))?
+            .sum(0)?
+            .reshape(bias.shape())?;
+        Ok((Some(dq), Some(dk), Some(db)))
     }
 }
 
@@ -847,6 +1057,46 @@ mod tests {
         check_grads(
             &[x.clone()],
             &|t| softmax_last(&t[0].reshape((1, 17)).unwrap()).unwrap(),
+            1e-6,
+        );
+        check_grads(&[x.clone()], &|t| leaky_relu(&t[0]).unwrap(), 1e-6);
+    }
+
+    #[test]
+    fn fused_softmaxes_match_composite_and_have_gradients() {
+        let x2 = randn(&[3, 7], 18);
+        let want = flat(&candle_nn::ops::softmax(&x2, D::Minus1).unwrap());
+        assert!(max_diff(&flat(&softmax_last(&x2).unwrap()), &want) < 1e-15);
+        check_grads(&[x2], &|t| softmax_last(&t[0]).unwrap(), 1e-6);
+        // bias [2,3] tiled twice over x [2,2,3]
+        let (x3, b3) = (randn(&[2, 2, 3], 19), randn(&[2, 3], 20));
+        let z = x3.broadcast_add(&b3.unsqueeze(0).unwrap()).unwrap();
+        let want = flat(&candle_nn::ops::softmax(&z, D::Minus1).unwrap());
+        assert!(max_diff(&flat(&softmax_with_bias(&x3, &b3).unwrap()), &want) < 1e-15);
+        check_grads(
+            &[x3, b3],
+            &|t| softmax_with_bias(&t[0], &t[1]).unwrap(),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn attention_probs_match_composite_and_have_gradients() {
+        // q, k [Bw=4, h=2, n=3, hd=2]; bias [G=2, h=2, n=3, n=3] tiled twice
+        let (q, k) = (randn(&[4, 2, 3, 2], 21), randn(&[4, 2, 3, 2], 22));
+        let b = randn(&[2, 2, 3, 3], 23);
+        let z = q
+            .matmul(&k.t().unwrap())
+            .unwrap()
+            .reshape((2, 2, 2, 3, 3))
+            .unwrap()
+            .broadcast_add(&b.unsqueeze(0).unwrap())
+            .unwrap();
+        let want = flat(&candle_nn::ops::softmax(&z, D::Minus1).unwrap());
+        assert!(max_diff(&flat(&attention_probs(&q, &k, &b).unwrap()), &want) < 1e-15);
+        check_grads(
+            &[q, k, b],
+            &|t| attention_probs(&t[0], &t[1], &t[2]).unwrap(),
             1e-6,
         );
     }

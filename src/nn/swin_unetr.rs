@@ -406,17 +406,17 @@ impl WindowAttention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         // [Bw,h,n,hd] × [Bw,h,hd,n] -> [Bw,h,n,n]
-        let attn = q.matmul(&k.t()?)?;
         let bias = self.bias(n)?;
-        // bias (+ mask), added and soft-maxed in one pass (swin_unetr.py:616-626 adds the bias,
-        // then the mask; the sum is the same up to rounding).
+        // bias (+ mask) (swin_unetr.py:616-626 adds the bias, then the mask; the sum is the same
+        // up to rounding)
         let bias = match mask {
             // [nW,n,n] -> [nW,1,n,n] + [h,n,n] -> [nW,h,n,n]
             Some(mask) => mask.unsqueeze(1)?.broadcast_add(&bias)?,
             None => bias,
         };
-        // [Bw,h,n,n] with the bias tiled over the leading B (and window) dims
-        let attn = ops::softmax_with_bias(&attn, &bias)?;
+        // softmax(q·kᵀ + bias): [Bw,h,n,hd] × [Bw,h,hd,n] -> [Bw,h,n,n], the bias tiled over the
+        // leading B (and window) dims
+        let attn = ops::attention_probs(&q, &k, &bias)?;
         // [Bw,h,n,n] × [Bw,h,n,hd] -> [Bw,h,n,hd] -> [Bw,n,h,hd] -> [Bw,n,C]
         let y = attn
             .matmul(&v)?

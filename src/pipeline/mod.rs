@@ -79,6 +79,16 @@ pub struct InputRef {
     pub step: String,
     /// The group selected (`train`), if any.
     pub group: Option<String>,
+    /// `prep@split.train`: the group is taken from this other step's output
+    /// and applied to `step`'s cases.
+    pub select: Option<String>,
+}
+
+impl InputRef {
+    /// Every step this reference reads (the step, and the group's source).
+    pub fn steps(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.step).chain(self.select.iter())
+    }
 }
 
 impl Pipeline {
@@ -330,6 +340,7 @@ fn check_instance(
             .map(|text| InputRef {
                 step: String::new(),
                 group: None,
+                select: None,
                 text,
             })
             .collect();
@@ -428,7 +439,7 @@ fn resolve_references(
                     slot.clone()
                 };
                 let loc = || inst.at(spans, &path, false);
-                let (target, group) = split_reference(&r.text, &names, &bases);
+                let (target, group, select) = split_reference(&r.text, &names, &bases);
                 let targets: Vec<String> = if names.contains(&target) {
                     vec![target.clone()]
                 } else if let Some(variants) = bases.get(target.as_str()) {
@@ -464,6 +475,25 @@ fn resolve_references(
                     );
                     return Err(e);
                 };
+                let select = match select {
+                    None => None,
+                    Some(src) if names.contains(&src) => Some(src),
+                    Some(src) => match bases.get(src.as_str()) {
+                        Some(v) if v.len() == 1 => Some(v[0].to_string()),
+                        _ => {
+                            return Err(PipelineError::at(
+                                loc(),
+                                format!("`{}`: `{src}` has variants; name one", r.text),
+                            ))
+                        }
+                    },
+                };
+                if select.as_deref() == Some(step.name.as_str()) {
+                    return Err(PipelineError::at(
+                        loc(),
+                        format!("step `{}` refers to itself", step.name),
+                    ));
+                }
                 for t in targets {
                     if t == step.name {
                         return Err(PipelineError::at(
@@ -475,6 +505,7 @@ fn resolve_references(
                         text: r.text.clone(),
                         step: t,
                         group: group.clone(),
+                        select: select.clone(),
                     });
                 }
             }
@@ -484,27 +515,40 @@ fn resolve_references(
     Ok(())
 }
 
-/// `prep.train` → (`prep`, Some(`train`)); longest known step name wins, so
-/// instance names containing dots (matrix values) still resolve.
+/// `prep.train` → (`prep`, Some(`train`), None); `prep@split.train` →
+/// (`prep`, Some(`train`), Some(`split`)) when `prep@split` is not itself a
+/// variant. The longest known step name wins, so instance names containing
+/// dots (matrix values) still resolve.
 fn split_reference(
     text: &str,
     names: &[String],
     bases: &BTreeMap<&str, Vec<&str>>,
-) -> (String, Option<String>) {
+) -> (String, Option<String>, Option<String>) {
     let known = |s: &str| names.iter().any(|n| n == s) || bases.contains_key(s);
     if known(text) {
-        return (text.to_string(), None);
+        return (text.to_string(), None, None);
     }
     let mut idx = text.len();
     while let Some(i) = text[..idx].rfind('.') {
         if known(&text[..i]) {
-            return (text[..i].to_string(), Some(text[i + 1..].to_string()));
+            return (text[..i].to_string(), Some(text[i + 1..].to_string()), None);
         }
         idx = i;
     }
+    if let Some((target, rest)) = text.split_once('@') {
+        if let Some((source, group)) = rest.rsplit_once('.') {
+            if known(target) && known(source) {
+                return (
+                    target.to_string(),
+                    Some(group.to_string()),
+                    Some(source.to_string()),
+                );
+            }
+        }
+    }
     match text.split_once('.') {
-        Some((a, b)) => (a.to_string(), Some(b.to_string())),
-        None => (text.to_string(), None),
+        Some((a, b)) => (a.to_string(), Some(b.to_string()), None),
+        None => (text.to_string(), None, None),
     }
 }
 

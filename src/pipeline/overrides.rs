@@ -34,9 +34,12 @@ impl std::str::FromStr for Override {
         }
         let rhs = rhs.trim();
         let value = if rhs.starts_with('[') || rhs.starts_with('{') {
-            let node = marked_yaml::parse_yaml(0, rhs).map_err(|e| format!("`{s}`: {e}"))?;
+            // The loader wants a mapping at the top: wrap the value in one.
+            let node = marked_yaml::parse_yaml(0, format!("v: {rhs}"))
+                .map_err(|e| format!("`{s}`: not a YAML value ({e})"))?;
             let mut spans = Default::default();
-            super::yaml::to_json(std::path::Path::new("--set"), &node, "", &mut spans)
+            let v = super::yaml::to_json(std::path::Path::new("--set"), &node, "", &mut spans);
+            v.get("v").cloned().unwrap_or(Value::Null)
         } else {
             super::yaml::parse_scalar(rhs)
         };

@@ -20,6 +20,7 @@ pub mod phantom;
 pub mod resample;
 mod shell;
 pub mod split;
+pub mod totalseg;
 pub mod train;
 
 /// Every step kind the engine knows, in documentation order.
@@ -30,6 +31,7 @@ pub static STEPS: &[&dyn StepKind] = &[
     &resample::Resample,
     &command::Command,
     &case_command::CaseCommand,
+    &totalseg::TotalSegLabels,
     &train::Train,
     &evaluate::Evaluate,
     &compare::Compare,

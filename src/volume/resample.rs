@@ -207,11 +207,36 @@ pub fn resample_to_grid(
 }
 
 /// Maps a (resampled) label map back onto an original grid, nearest
-/// neighbour with border padding: the inverse of [`resample_spacing`] for
-/// predictions made on the resampled grid (TotalSegmentator does the same
-/// to bring its outputs back to the input grid).
+/// neighbour: the inverse of [`resample_spacing`] for predictions made on
+/// the resampled grid (TotalSegmentator does the same to bring its outputs
+/// back to the input grid). Original voxels whose centre lies more than half
+/// a voxel outside the label map (e.g. the air cut away by a foreground crop)
+/// get 0, background; ITK's `IsInsideBuffer` uses the same half-voxel rule.
 pub fn to_original_grid(label: &Volume, original: &Grid) -> Result<Volume, ResampleError> {
-    resample_to_grid(label, original, Interp::Nearest)
+    let inv = inverse(&label.affine).ok_or(ResampleError::Singular(label.affine))?;
+    let m = matmul(&inv, &original.affine);
+    let data = crate::map_voxels!(&label.data, v => {
+        let mut d = nearest_sample(v, label.shape, &m, original.shape);
+        zero_outside(&mut d, label.shape, &m, original.shape);
+        d
+    });
+    Ok(Volume::new(original.shape, original.affine, data))
+}
+
+/// Sets voxels whose source point is beyond the half-voxel border to 0.
+fn zero_outside<T: Scalar>(d: &mut [T], shape: [usize; 3], m: &Affine, out: [usize; 3]) {
+    let [ox, oy, _] = out;
+    let inside = |q: f64, n: usize| q >= -0.5 - 1e-6 && q <= n as f64 - 0.5 + 1e-6;
+    d.par_chunks_mut(ox * oy).enumerate().for_each(|(z, slab)| {
+        for (y, row) in slab.chunks_mut(ox).enumerate() {
+            for (x, v) in row.iter_mut().enumerate() {
+                let p = apply(m, [x as f64, y as f64, z as f64]);
+                if !(inside(p[0], shape[0]) && inside(p[1], shape[1]) && inside(p[2], shape[2])) {
+                    *v = T::default();
+                }
+            }
+        }
+    });
 }
 
 /// True when `m`'s 3×3 part is diagonal (each output axis reads one input axis).
@@ -382,6 +407,49 @@ mod tests {
             a[i][3] = t[i];
         }
         a
+    }
+
+    #[test]
+    fn general_path_matches_the_table_path() {
+        // A hair of off-diagonal (1e-7) sends the same mapping through the
+        // per-voxel 3×3 path; both must give the same samples.
+        let shape = [9, 7, 5];
+        let v: Vec<f32> = (0..9 * 7 * 5).map(|i| ((i * 37) % 101) as f32).collect();
+        let mut m = diag([0.61, 1.37, 0.83], [0.2, -0.4, 0.1]);
+        let out = [14, 6, 7];
+        let a = linear_sample(&v, shape, &m, out);
+        let na = nearest_sample(&v, shape, &m, out);
+        m[0][1] = 1e-7;
+        assert!(!is_axis_aligned(&m));
+        let b = linear_sample(&v, shape, &m, out);
+        let nb = nearest_sample(&v, shape, &m, out);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+        }
+        assert_eq!(na, nb);
+    }
+
+    #[test]
+    fn inverse_mapping_zeroes_what_was_cropped_away() {
+        // A 4³ label map of 1s covering x ∈ [10, 13] mm; the original grid
+        // spans x ∈ [0, 19]: voxels beyond x = 13.5 mm are background.
+        let lab = Volume::new(
+            [4, 4, 4],
+            diag([1.0; 3], [10.0, 0.0, 0.0]),
+            Voxels::U8(vec![1; 64]),
+        );
+        let orig = Grid {
+            shape: [20, 4, 4],
+            affine: diag([1.0; 3], [0.0; 3]),
+        };
+        let back = to_original_grid(&lab, &orig).unwrap();
+        let row: Vec<f64> = (0..20)
+            .map(|x| back.data.get_f64(back.index(x, 1, 1)))
+            .collect();
+        let want: Vec<f64> = (0..20)
+            .map(|x| if (10..=13).contains(&x) { 1.0 } else { 0.0 })
+            .collect();
+        assert_eq!(row, want);
     }
 
     #[test]
