@@ -312,7 +312,7 @@ impl StepKind for Train {
             ("batch", "volumes per iteration (1)"),
             ("samples_per_volume", "patches per volume (4)"),
             (
-                "iterations | epochs",
+                "iterations / epochs",
                 "length of training (default 1 epoch)",
             ),
             ("val_every", "validation interval in iterations (100)"),
