@@ -80,9 +80,17 @@ fn dtype_name(v: &Voxels) -> &'static str {
 fn r4_nifti_reads_every_nibabel_fixture_exactly() {
     let exp = json("nifti_expected.json");
     let files = exp["files"].as_object().unwrap();
-    assert!(files.len() >= 20);
+    assert!(files.len() >= 23);
+    assert!(files.contains_key("int16_big_endian.nii.gz"));
     for (name, e) in files {
         let vol = nifti::read(vdir().join("nifti").join(name)).unwrap();
+        let h = nifti::read_header(vdir().join("nifti").join(name)).unwrap();
+        assert_eq!(
+            h.big_endian,
+            name.contains("big_endian"),
+            "{name}: byte order"
+        );
+        assert_eq!(h.best_affine(), vol.affine, "{name}: header-only read");
         let shape: Vec<usize> = e["shape"]
             .as_array()
             .unwrap()
