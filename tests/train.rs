@@ -670,3 +670,399 @@ fn tempfile_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+// ------------------------------------------------------------------ steps (evaluate, train, predict)
+
+mod steps {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    use tsdistill::exec::{CancelToken, Progress};
+    use tsdistill::steps::{InputArtifact, StepContext, StepKind, StepOutput, StepResult};
+    use tsdistill::volume::{nifti, Volume, Voxels};
+
+    /// A data set artifact in a temp dir: case → item dir with the given files.
+    pub fn artifact(
+        root: &Path,
+        name: &str,
+        cases: &[(&str, Vec<(&str, &Volume)>)],
+    ) -> InputArtifact {
+        let dir = root.join(name);
+        let mut items = BTreeMap::new();
+        for (id, files) in cases {
+            let item = dir.join(id);
+            std::fs::create_dir_all(&item).unwrap();
+            for (role, vol) in files {
+                nifti::write(item.join(role), vol).unwrap();
+            }
+            items.insert(id.to_string(), item);
+        }
+        InputArtifact {
+            reference: name.into(),
+            step: name.into(),
+            dir,
+            manifest: Default::default(),
+            items,
+        }
+    }
+
+    pub fn run(
+        kind: &dyn StepKind,
+        params: serde_json::Value,
+        inputs: BTreeMap<String, Vec<InputArtifact>>,
+        out_dir: &Path,
+        work_dir: &Path,
+        cancel: &CancelToken,
+    ) -> StepResult<StepOutput> {
+        std::fs::create_dir_all(out_dir).unwrap();
+        std::fs::create_dir_all(work_dir).unwrap();
+        let params = kind.check_params(&params).expect("params valid");
+        let progress = Progress::hidden();
+        let ctx = StepContext {
+            step: "test",
+            params: &params,
+            inputs: &inputs,
+            out_dir,
+            work_dir,
+            workspace: out_dir,
+            progress: &progress,
+            cancel,
+        };
+        kind.run(&ctx)
+    }
+
+    /// A label map volume from C-order data over `[nx, ny, nz]`.
+    pub fn label_volume(c_order: &[u8], shape: [usize; 3], spacing: [f64; 3]) -> Volume {
+        let data = tsdistill::train::data::from_c_order(c_order, shape);
+        let mut affine = [[0.0; 4]; 4];
+        for i in 0..3 {
+            affine[i][i] = spacing[i];
+        }
+        affine[0][3] = -12.5;
+        affine[3][3] = 1.0;
+        Volume::new(shape, affine, Voxels::U8(data))
+    }
+
+    pub fn tmp(tag: &str) -> PathBuf {
+        super::tempfile_dir(tag)
+    }
+}
+
+#[test]
+fn r5_evaluate_label_sets_matches_monai() {
+    use tsdistill::steps::evaluate::Evaluate;
+    let t = parity();
+    let dims = t["metrics.pred"].dims().to_vec();
+    let shape = [dims[1], dims[2], dims[3]];
+    let n = shape.iter().product::<usize>();
+    let pred = t["metrics.pred"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let refr = t["metrics.ref"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let sp = [1.5, 1.5, 2.0];
+    let vols: Vec<_> = (0..2)
+        .map(|c| {
+            (
+                steps::label_volume(&pred[c * n..(c + 1) * n], shape, sp),
+                steps::label_volume(&refr[c * n..(c + 1) * n], shape, sp),
+            )
+        })
+        .collect();
+    let root = steps::tmp("eval");
+    let data = steps::artifact(
+        &root,
+        "data",
+        &[
+            ("c0", vec![("label.nii.gz", &vols[0].1)]),
+            ("c1", vec![("label.nii.gz", &vols[1].1)]),
+        ],
+    );
+    let preds = steps::artifact(
+        &root,
+        "weak",
+        &[
+            ("c0", vec![("label.nii.gz", &vols[0].0)]),
+            ("c1", vec![("label.nii.gz", &vols[1].0)]),
+        ],
+    );
+    let inputs = [
+        ("data".to_string(), vec![data]),
+        ("predictions".to_string(), vec![preds]),
+    ]
+    .into_iter()
+    .collect();
+    let out = steps::run(
+        &Evaluate,
+        serde_json::json!({"num_classes": 5}),
+        inputs,
+        &root.join("out"),
+        &root.join("work"),
+        &Default::default(),
+    )
+    .unwrap();
+    let m = &out.metrics;
+    let want_mean = f64s(&t["dice_bg.mean"])[0];
+    let want_fg = f64s(&t["dice_nobg.mean"])[0];
+    assert!(
+        (m["mean_dice"] - want_mean).abs() < 1e-6,
+        "{} vs MONAI {want_mean}",
+        m["mean_dice"]
+    );
+    assert!(
+        (m["mean_dice_fg"] - want_fg).abs() < 1e-6,
+        "{} vs MONAI {want_fg}",
+        m["mean_dice_fg"]
+    );
+    // HD95 of class 1, mean of the two cases, against MONAI's per-case numbers.
+    let hd = f64s(&t["hd95.per_case"]);
+    let want_hd1 = (hd[1] + hd[5 + 1]) / 2.0;
+    assert!(
+        (m["hd95_mm_1"] - want_hd1).abs() < 1e-5,
+        "{} vs {want_hd1}",
+        m["hd95_mm_1"]
+    );
+    let csv = std::fs::read_to_string(root.join("out/per_case.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 5);
+    // Class 3 of case 0 is absent from the reference: empty Dice cell.
+    assert!(csv.lines().any(|l| l.starts_with("c0,3,,")), "{csv}");
+}
+
+fn tiny_train_params(iterations: usize) -> serde_json::Value {
+    serde_json::json!({
+        "model": {"feature_size": 12, "out_channels": 14},
+        "roi": [32, 32, 64],
+        "samples_per_volume": 1,
+        "iterations": iterations,
+        "val_every": iterations,
+        "checkpoint_every": 2,
+        "lr": 1e-3,
+        "aug": {"rot90_prob": 0.0},
+        "seed": 3,
+        "device": "cpu",
+        "workers": 1,
+    })
+}
+
+fn phantom_data(root: &std::path::Path, n: usize) -> tsdistill::steps::InputArtifact {
+    use tsdistill::volume::phantom::{generate_case, PhantomConfig};
+    let cfg = PhantomConfig {
+        shape: [40, 36, 64],
+        mixed_orientation: false,
+        ..Default::default()
+    };
+    let cases: Vec<_> = (0..n).map(|i| generate_case(&cfg, i)).collect();
+    let files: Vec<(&str, Vec<(&str, &tsdistill::volume::Volume)>)> = cases
+        .iter()
+        .map(|c| {
+            (
+                c.id.as_str(),
+                vec![("image.nii.gz", &c.image), ("label.nii.gz", &c.label)],
+            )
+        })
+        .collect();
+    steps::artifact(root, "phantom", &files)
+}
+
+#[test]
+fn r5_train_step_resumes_bitwise_and_predict_keeps_the_affine() {
+    use tsdistill::steps::train::Train;
+    let root = steps::tmp("trainstep");
+    let data = phantom_data(&root, 1);
+    let inputs = || {
+        [
+            ("data".to_string(), vec![data.clone()]),
+            ("val".to_string(), vec![data.clone()]),
+        ]
+        .into_iter()
+        .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    // Uninterrupted.
+    let full = steps::run(
+        &Train,
+        tiny_train_params(4),
+        inputs(),
+        &root.join("full"),
+        &root.join("wfull"),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(full.kind, "model");
+    assert_eq!(full.metrics["resumed_from"], 0.0);
+    assert!(full.metrics["best_val_mean_dice"].is_finite());
+    // Interrupted after 3 iterations (checkpoint at 2), then rerun.
+    let cancel = tsdistill::exec::CancelToken::default();
+    let c2 = cancel.clone();
+    let watcher = std::thread::spawn({
+        let ck = root.join("wpart/checkpoint.json");
+        move || {
+            while !ck.exists() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            c2.cancel();
+        }
+    });
+    let part = steps::run(
+        &Train,
+        tiny_train_params(4),
+        inputs(),
+        &root.join("p1"),
+        &root.join("wpart"),
+        &cancel,
+    );
+    watcher.join().unwrap();
+    assert!(part.is_err(), "cancelled run must fail");
+    let resumed = steps::run(
+        &Train,
+        tiny_train_params(4),
+        inputs(),
+        &root.join("p2"),
+        &root.join("wpart"),
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(resumed.metrics["resumed_from"] >= 2.0);
+    eprintln!(
+        "train step (f12, 1×32×32×64): {:.3} it/s, data wait share {:.4}, resumed from {}",
+        full.metrics["iterations_per_second"],
+        full.metrics["data_wait_share"],
+        resumed.metrics["resumed_from"]
+    );
+    let a = std::fs::read(root.join("full/last.safetensors")).unwrap();
+    let b = std::fs::read(root.join("p2/last.safetensors")).unwrap();
+    assert!(a == b, "resumed weights differ from the uninterrupted run");
+    for f in [
+        "model.safetensors",
+        "model.json",
+        "inference.json",
+        "history.csv",
+        "history.json",
+        "metrics.json",
+    ] {
+        assert!(root.join("full").join(f).is_file(), "missing {f}");
+    }
+
+    // predict on a non-RAS phantom: the output has the input's grid and affine.
+    use tsdistill::volume::phantom::{generate_case, PhantomConfig};
+    let cfg = PhantomConfig {
+        shape: [40, 36, 64],
+        mixed_orientation: true,
+        ..Default::default()
+    };
+    let case = (0..8).map(|i| generate_case(&cfg, i)).find(|c| {
+        tsdistill::volume::orientation::axcodes(&c.image.affine).unwrap() != ['R', 'A', 'S']
+    });
+    let case = case.expect("a non-RAS phantom");
+    let input = root.join("ct.nii.gz");
+    tsdistill::volume::nifti::write(&input, &case.image).unwrap();
+    let output = root.join("seg.nii.gz");
+    tsdistill::train::predict::predict_file(&root.join("full"), &input, &output, &Device::Cpu)
+        .unwrap();
+    let seg = tsdistill::volume::nifti::read(&output).unwrap();
+    assert_eq!(seg.shape, case.image.shape);
+    for r in 0..4 {
+        for c in 0..4 {
+            assert!(
+                (seg.affine[r][c] - case.image.affine[r][c]).abs() < 1e-5,
+                "affine {:?} vs {:?}",
+                seg.affine,
+                case.image.affine
+            );
+        }
+    }
+}
+
+/// Every file named `name` under `dir`.
+fn find_files(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find_files(&p, name));
+        } else if p.file_name().is_some_and(|f| f == name) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn r5_train_sigkill_then_rerun_gives_the_same_weights() {
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+    let pipeline = r#"
+name: kill-train
+steps:
+  ct: {kind: phantom, count: 1, shape: [40, 36, 64], mixed_orientation: false}
+  teacher:
+    kind: train
+    data: ct
+    model: {feature_size: 12}
+    roi: [32, 32, 64]
+    samples_per_volume: 1
+    iterations: 4
+    val_every: 0
+    checkpoint_every: 2
+    aug: {rot90_prob: 0.0}
+    seed: 5
+    device: cpu
+    workers: 1
+"#;
+    // TSDISTILL_BIN: a private copy of the binary, for worktrees that share a
+    // target directory (another build may replace target/release/tsdistill).
+    let bin =
+        std::env::var("TSDISTILL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tsdistill").into());
+    let run = |root: &std::path::Path| {
+        Command::new(&bin)
+            .args(["run", "p.yaml", "-j", "1", "--quiet", "--cache"])
+            .arg(root.join("cache"))
+            .current_dir(root)
+            .spawn()
+            .unwrap()
+    };
+    let reference = tempfile_dir("kill-train-ref");
+    std::fs::write(reference.join("p.yaml"), pipeline).unwrap();
+    assert!(run(&reference).wait().unwrap().success());
+    let want = find_files(&reference.join("cache"), "last.safetensors");
+    assert_eq!(want.len(), 1, "one trained model in the reference cache");
+
+    let d = tempfile_dir("kill-train");
+    std::fs::write(d.join("p.yaml"), pipeline).unwrap();
+    let mut child = run(&d);
+    let t0 = Instant::now();
+    // Kill once the checkpoint of iteration 2 or later exists (mid-training).
+    while find_files(&d.join("cache"), "checkpoint.json").is_empty()
+        && t0.elapsed() < Duration::from_secs(600)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        find_files(&d.join("cache"), "last.safetensors").is_empty(),
+        "killed before the end"
+    );
+    assert!(run(&d).wait().unwrap().success());
+    let got = find_files(&d.join("cache"), "last.safetensors");
+    assert_eq!(got.len(), 1);
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(got[0].with_file_name("metrics.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        metrics["resumed_from"].as_f64().unwrap() >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        std::fs::read(&got[0]).unwrap() == std::fs::read(&want[0]).unwrap(),
+        "weights differ"
+    );
+}

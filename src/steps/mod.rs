@@ -15,11 +15,13 @@ pub mod case_command;
 pub mod command;
 pub mod compare;
 pub mod dataset;
+pub mod evaluate;
 pub mod phantom;
 pub mod resample;
 mod shell;
 pub mod split;
 pub mod totalseg;
+pub mod train;
 
 /// Every step kind the engine knows, in documentation order.
 pub static STEPS: &[&dyn StepKind] = &[
@@ -30,6 +32,8 @@ pub static STEPS: &[&dyn StepKind] = &[
     &command::Command,
     &case_command::CaseCommand,
     &totalseg::TotalSegLabels,
+    &train::Train,
+    &evaluate::Evaluate,
     &compare::Compare,
 ];
 

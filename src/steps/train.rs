@@ -125,6 +125,14 @@ pub struct TrainParams {
     /// Batch-building threads.
     #[serde(default = "two")]
     pub workers: usize,
+    /// Use a Conv3d kernel with fixed-order gradient sums, so a resumed run
+    /// ends bitwise equal to an uninterrupted one (slower on CPU).
+    #[serde(default = "yes")]
+    pub deterministic: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_model() -> serde_json::Value {
@@ -304,7 +312,7 @@ impl StepKind for Train {
             ("batch", "volumes per iteration (1)"),
             ("samples_per_volume", "patches per volume (4)"),
             (
-                "iterations | epochs",
+                "iterations / epochs",
                 "length of training (default 1 epoch)",
             ),
             ("val_every", "validation interval in iterations (100)"),
@@ -335,6 +343,10 @@ impl StepKind for Train {
             ("seed", "init and patch stream (0)"),
             ("device", "auto | cpu | cuda | cuda:N"),
             ("workers", "batch-building threads (2)"),
+            (
+                "deterministic",
+                "bitwise-reproducible Conv3d gradients, needed for exact resume (true)",
+            ),
         ]
     }
     fn check_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
@@ -396,7 +408,8 @@ impl StepKind for Train {
             })
             .collect();
 
-        let model = SwinModel::init(&model_cfg, p.seed, &device).map_err(train_err)?;
+        let model =
+            SwinModel::init(&model_cfg, p.seed, &device, p.deterministic).map_err(train_err)?;
         ctx.progress.set_total(cfg.iterations as u64);
         let started = std::time::Instant::now();
         let mut on_iteration = |done: usize, total: usize, loss: f64| {

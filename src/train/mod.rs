@@ -10,17 +10,23 @@
 //! - [`loader`]: batches built on worker threads ahead of the model;
 //! - [`model`]: the model trait the loop drives, seeded initialisation;
 //! - [`trainer`]: the loop, validation, checkpoints and resume;
+//! - [`data`]: NIfTI volumes → C-order arrays, window, foreground crop;
+//! - [`swin`]: the SwinUNETR as a trainable model, device choice;
+//! - [`predict`]: segmenting a CT with a trained model (`tsdistill predict`);
 //! - [`error`]: the module's error type.
 
+pub mod data;
 pub mod error;
 pub mod loader;
 pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod predict;
 pub mod sampler;
 pub mod schedule;
 pub mod sliding_window;
+pub mod swin;
 pub mod trainer;
 
 pub use error::{Result, TrainError};
