@@ -108,4 +108,18 @@ pub enum Cmd {
     Verify,
     /// List the step kinds and their parameters.
     Steps,
+    /// Segment a CT with a trained model: same preprocessing and sliding
+    /// window as training, labels mapped back onto the input's own grid.
+    Predict {
+        /// A `train` step output folder (e.g. `runs/<pipeline>/<step>`) or its
+        /// `model.safetensors`.
+        model: PathBuf,
+        /// Input CT (`.nii` or `.nii.gz`).
+        input: PathBuf,
+        /// Output label map (uint8 NIfTI, the input's shape and affine).
+        output: PathBuf,
+        /// `auto`, `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }

@@ -227,6 +227,29 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 })
             }
         }
+        Cmd::Predict {
+            model,
+            input,
+            output,
+            device,
+        } => {
+            let dev = tsdistill::train::swin::parse_device(device).map_err(user)?;
+            eprintln!(
+                "{:>12} {} on {}",
+                "Predicting",
+                input.display(),
+                if dev.is_cuda() { "CUDA" } else { "CPU" }
+            );
+            let t = std::time::Instant::now();
+            tsdistill::train::predict::predict_file(model, input, output, &dev).map_err(user)?;
+            eprintln!(
+                "{:>12} {} in {:.1}s",
+                "Wrote",
+                output.display(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Steps => {
             print!("{}", tsdistill::steps::docs_markdown());
             Ok(ExitCode::SUCCESS)

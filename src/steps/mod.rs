@@ -21,6 +21,7 @@ pub mod resample;
 mod shell;
 pub mod split;
 pub mod totalseg;
+pub mod weak_label;
 pub mod train;
 
 /// Every step kind the engine knows, in documentation order.
@@ -33,6 +34,7 @@ pub static STEPS: &[&dyn StepKind] = &[
     &case_command::CaseCommand,
     &totalseg::TotalSegLabels,
     &train::Train,
+    &weak_label::WeakLabel,
     &evaluate::Evaluate,
     &compare::Compare,
 ];
