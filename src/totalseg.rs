@@ -10,22 +10,8 @@ use std::path::Path;
 
 use crate::volume::{nifti, Volume, Voxels};
 
-/// BTCV organ names in BTCV label order (label = index + 1).
-pub const BTCV: [&str; 13] = [
-    "spleen",
-    "kidney_right",
-    "kidney_left",
-    "gallbladder",
-    "esophagus",
-    "liver",
-    "stomach",
-    "aorta",
-    "inferior_vena_cava",
-    "portal_vein_and_splenic_vein",
-    "pancreas",
-    "adrenal_gland_right",
-    "adrenal_gland_left",
-];
+/// BTCV organ names in BTCV order (label = index + 1): the crate's one list.
+pub use crate::volume::phantom::BTCV_ORGANS as BTCV;
 
 /// Which TotalSegmentator id table a multilabel file uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
