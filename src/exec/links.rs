@@ -13,8 +13,10 @@ pub fn link_output(store: &Store, dir: &Path, step: &str, output: &str) -> std::
     let tmp = dir.join(format!(".{step}.{}", crate::cache::store::unique_name()));
     let object = store.object_dir(output);
     // Already pointing at this output (a no-op run): leave it alone.
-    let current = std::fs::read_link(&target)
-        .or_else(|_| std::fs::read_link(target.join("manifest.json")).map(|p| p.parent().map(Into::into).unwrap_or(p)));
+    let current = std::fs::read_link(&target).or_else(|_| {
+        std::fs::read_link(target.join("manifest.json"))
+            .map(|p| p.parent().map(Into::into).unwrap_or(p))
+    });
     if current.is_ok_and(|c| c == object) {
         return Ok(());
     }

@@ -21,8 +21,8 @@ pub mod resample;
 mod shell;
 pub mod split;
 pub mod totalseg;
-pub mod weak_label;
 pub mod train;
+pub mod weak_label;
 
 /// Every step kind the engine knows, in documentation order.
 pub static STEPS: &[&dyn StepKind] = &[
