@@ -67,13 +67,16 @@ impl Dir {
         e.run(&opts).unwrap()
     }
     fn bin(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tsdistill"))
-            .args(args)
+        self.command(args).output().unwrap()
+    }
+    /// The binary with `args`, on this workspace's cache, not yet started.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tsdistill"));
+        c.args(args)
             .arg("--cache")
             .arg(self.cache())
-            .current_dir(&self.root)
-            .output()
-            .unwrap()
+            .current_dir(&self.root);
+        c
     }
 }
 
@@ -238,10 +241,8 @@ steps:
     let d = Dir::new("kill");
     d.cases(6);
     d.write("p.yaml", pipeline);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tsdistill"))
-        .args(["run", "p.yaml", "-j", "1", "--quiet", "--cache"])
-        .arg(d.cache())
-        .current_dir(&d.root)
+    let mut child = d
+        .command(&["run", "p.yaml", "-j", "1", "--quiet"])
         .spawn()
         .unwrap();
     let t0 = Instant::now();
@@ -314,10 +315,7 @@ steps:
 "#,
     );
     let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_tsdistill"))
-            .args(["run", "p.yaml", "-j", "2", "--quiet", "--cache"])
-            .arg(d.cache())
-            .current_dir(&d.root)
+        d.command(&["run", "p.yaml", "-j", "2", "--quiet"])
             .spawn()
             .unwrap()
     };
@@ -834,10 +832,8 @@ steps:
     run: echo "start $TSD_CASE" >> $TSD_WORKSPACE/count; sleep 2; cp $TSD_CASE_DIR/image.txt $TSD_OUT/
 "#,
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tsdistill"))
-        .args(["run", "p.yaml", "-j", "1", "--cache"])
-        .arg(d.cache())
-        .current_dir(&d.root)
+    let mut child = d
+        .command(&["run", "p.yaml", "-j", "1"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

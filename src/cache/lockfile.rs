@@ -52,32 +52,32 @@ impl LockFile {
         }
     }
 
-    /// Records one step's entry: read-modify-write under a lock, written
-    /// atomically, so concurrent runs and kills never tear it.
-    pub fn update(path: &Path, step: &str, entry: LockEntry) -> Result<(), String> {
+    /// Read-modify-write under the lock beside the file, written atomically
+    /// (so concurrent runs and kills never tear it), and only when `change`
+    /// actually changed something.
+    fn modify(path: &Path, change: impl FnOnce(&mut LockFile)) -> Result<(), String> {
         let guard = path.with_extension("lock.flock");
         let _l = FileLock::acquire(&guard, LockMode::Exclusive).map_err(|e| e.to_string())?;
-        let mut lf = Self::load(path)?;
-        if lf.steps.get(step) == Some(&entry) && lf.version == 1 {
+        let before = Self::load(path)?;
+        let mut lf = before.clone();
+        lf.version = 1;
+        change(&mut lf);
+        if lf == before {
             return Ok(());
         }
-        lf.version = 1;
-        lf.steps.insert(step.to_string(), entry);
         let bytes = serde_json::to_vec_pretty(&lf).expect("serialises");
         super::store::write_atomic(path, &bytes).map_err(|e| e.to_string())
     }
 
+    /// Records one step's entry.
+    pub fn update(path: &Path, step: &str, entry: LockEntry) -> Result<(), String> {
+        Self::modify(path, |lf| {
+            lf.steps.insert(step.to_string(), entry);
+        })
+    }
+
     /// Drops entries of steps that no longer exist in the pipeline.
     pub fn retain(path: &Path, keep: &dyn Fn(&str) -> bool) -> Result<(), String> {
-        let guard = path.with_extension("lock.flock");
-        let _l = FileLock::acquire(&guard, LockMode::Exclusive).map_err(|e| e.to_string())?;
-        let mut lf = Self::load(path)?;
-        let before = lf.steps.len();
-        lf.steps.retain(|k, _| keep(k));
-        if lf.steps.len() != before {
-            let bytes = serde_json::to_vec_pretty(&lf).expect("serialises");
-            super::store::write_atomic(path, &bytes).map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        Self::modify(path, |lf| lf.steps.retain(|k, _| keep(k)))
     }
 }
