@@ -16,7 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use std::process::Command;
 use std::time::Instant;
-use tsdistill::nn::{dice_ce_loss, SwinUnetr, SwinUnetrConfig};
+use tsdistill::nn::{SwinUnetr, SwinUnetrConfig};
+use tsdistill::train::loss::{dice_ce_loss, DiceCeOptions};
 
 struct Case {
     name: &'static str,
@@ -90,7 +91,7 @@ fn one(feature: usize, size: usize, mode: &str, iters: usize) {
         )
         .unwrap();
         Box::new(move || {
-            let loss = dice_ce_loss(&train_model.forward(&x).unwrap(), &y).unwrap();
+            let loss = dice_ce_loss(&train_model.forward(&x).unwrap(), &y, &DiceCeOptions::default()).unwrap();
             opt.backward_step(&loss).unwrap();
         })
     };
@@ -125,6 +126,7 @@ fn parse(out: &std::process::Output, what: &str) -> (f64, f64) {
 }
 
 fn main() {
+    tsdistill::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

@@ -12,6 +12,7 @@
 //! - [`totalseg`]: TotalSegmentator outputs → BTCV label maps;
 //! - [`train`]: patch sampling, training loop, sliding-window inference.
 
+pub mod alloc;
 pub mod cache;
 pub mod exec;
 pub mod graph;
@@ -22,3 +23,4 @@ pub mod steps;
 pub mod totalseg;
 pub mod train;
 pub mod volume;
+

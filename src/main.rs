@@ -26,6 +26,7 @@ fn user(message: impl std::fmt::Display) -> Failure {
 }
 
 fn main() -> ExitCode {
+    tsdistill::alloc::keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

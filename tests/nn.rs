@@ -7,7 +7,13 @@ use crate::common::fixtures;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use std::collections::HashMap;
-use tsdistill::nn::{dice_ce_loss, Downsample, Error, SwinUnetr, SwinUnetrConfig};
+use tsdistill::nn::{Downsample, Error, SwinUnetr, SwinUnetrConfig};
+use tsdistill::train::loss::DiceCeOptions;
+
+/// MONAI's default DiceCELoss(to_onehot_y=True, softmax=True).
+fn dice_ce_loss(logits: &Tensor, labels: &Tensor) -> tsdistill::train::Result<Tensor> {
+    tsdistill::train::loss::dice_ce_loss(logits, labels, &DiceCeOptions::default())
+}
 
 fn dir() -> std::path::PathBuf {
     fixtures().join("nn")

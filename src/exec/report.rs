@@ -2,7 +2,8 @@
 //!
 //! On a terminal, bars show each running step (items or iterations, ETA)
 //! and lines are printed above them; otherwise (CI, pipes) only the lines
-//! are printed, so logs stay readable.
+//! are printed, with a throttled `Progress` line per running step, so logs
+//! stay readable and still show that a long step is alive.
 
 use std::io::IsTerminal;
 
@@ -45,8 +46,11 @@ impl Reporter {
 
     /// A bar for a running step.
     pub fn bar(&self, step: &str) -> Progress {
-        if !self.tty {
+        if self.quiet {
             return Progress::hidden();
+        }
+        if !self.tty {
+            return Progress::plain(step, super::progress::plain_interval());
         }
         let bar = self.multi.add(ProgressBar::new(0));
         bar.set_style(

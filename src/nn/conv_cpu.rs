@@ -15,6 +15,9 @@ pub struct CpuConv3d {
     fallback: Im2colConv3d,
 }
 
+/// Weight-gradient work is cut into this many fixed plane ranges (enough to keep 16 threads busy).
+const DW_CHUNKS: usize = 16;
+
 /// A raw output pointer shared by tasks that write disjoint regions.
 #[derive(Clone, Copy)]
 struct SyncPtr<T>(*mut T);
@@ -135,11 +138,17 @@ where
     let (xv, gv) = (cpu_slice::<T>(x)?, cpu_slice::<T>(g)?);
     let (n, k) = (h * wd, ci * 27);
     let v = Vol { c: ci, d, h, w: wd };
-    let dw = (0..b * d)
+    // Planes are summed in fixed chunks whose partial sums are added in chunk order, so the
+    // result is bitwise the same for every thread count and schedule (a resumed training run
+    // must equal an uninterrupted one). The chunk count does not depend on the thread count.
+    let planes = b * d;
+    let chunk = planes.div_ceil(DW_CHUNKS).max(1);
+    let partials: Vec<Vec<T>> = (0..planes.div_ceil(chunk))
         .into_par_iter()
-        .fold(
-            || (vec![T::default(); k * n], vec![T::default(); co * k]),
-            |(mut col, mut acc), plane| {
+        .map(|c| {
+            let mut col = vec![T::default(); k * n];
+            let mut acc = vec![T::default(); co * k];
+            for plane in c * chunk..((c + 1) * chunk).min(planes) {
                 let (bi, z) = (plane / d, plane % d);
                 im2col_plane(&xv[bi * ci * d * n..(bi + 1) * ci * d * n], v, z, &mut col);
                 // acc[Co,K] += g[bi,:,z,:] [Co,N] × colᵀ [N,K]
@@ -167,17 +176,17 @@ where
                         Parallelism::None,
                     )
                 }
-                (col, acc)
-            },
-        )
-        .map(|(_, acc)| acc)
-        .reduce_with(|mut a, b| {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x += y;
             }
-            a
+            acc
         })
-        .expect("at least one plane");
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut dw = parts.next().expect("at least one plane");
+    for p in parts {
+        for (x, y) in dw.iter_mut().zip(p) {
+            *x += y;
+        }
+    }
     Tensor::from_vec(dw, (co, ci, 3, 3, 3), &Device::Cpu)
 }
 

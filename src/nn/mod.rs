@@ -1,11 +1,13 @@
 //! Neural-network layers and models on Candle: 3D convolutions, SwinUNETR (numerically equal to
-//! MONAI's), checkpoint I/O and the DiceCE loss.
+//! MONAI's), and checkpoint I/O (the DiceCE loss
+//! is [`crate::train::loss`]).
 //!
 //! # Using SwinUNETR
 //! ```no_run
 //! use candle_core::{Device, Tensor};
 //! use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
-//! use tsdistill::nn::{dice_ce_loss, SwinUnetr, SwinUnetrConfig};
+//! use tsdistill::nn::{SwinUnetr, SwinUnetrConfig};
+//! use tsdistill::train::loss::{dice_ce_loss, DiceCeOptions};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dev = Device::Cpu;
 //! let mut cfg = SwinUnetrConfig::new(1, 14); // in_channels, out_channels
@@ -19,7 +21,7 @@
 //! let image = Tensor::zeros((1, 1, 96, 96, 96), candle_core::DType::F32, &dev)?;
 //! let label = Tensor::zeros((1, 1, 96, 96, 96), candle_core::DType::U32, &dev)?;
 //! let logits = model.forward(&image)?; // [B, 14, 96, 96, 96]
-//! let loss = dice_ce_loss(&logits, &label)?;
+//! let loss = dice_ce_loss(&logits, &label, &DiceCeOptions::default())?;
 //! opt.backward_step(&loss)?;
 //! model.save("model.safetensors")?; // also writes model.json (the config)
 //!
@@ -33,12 +35,10 @@
 
 pub mod checkpoint;
 pub mod conv_cpu;
-pub mod loss;
 pub mod ops;
 pub mod swin_unetr;
 
 pub use conv_cpu::CpuConv3d;
-pub use loss::dice_ce_loss;
 pub use ops::{Conv3dKernel, Im2colConv3d};
 pub use swin_unetr::{Downsample, SwinUnetr, SwinUnetrConfig};
 

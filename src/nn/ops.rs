@@ -917,6 +917,37 @@ mod tests {
     }
 
     #[test]
+    fn cpu_conv3d_weight_gradient_is_bitwise_the_same_on_any_thread_count() {
+        // 2 × 20 planes: more planes than the kernel's fixed chunks, so chunks hold several.
+        let x = randn(&[2, 3, 20, 6, 5], 5).to_dtype(DType::F32).unwrap();
+        let g = randn(&[2, 4, 20, 6, 5], 6).to_dtype(DType::F32).unwrap();
+        let kernel = default_conv3d_kernel();
+        let dw = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let t = pool.install(|| kernel.grad_weight(&x, &g).unwrap());
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let one = dw(1);
+        for threads in [2, 3, 7] {
+            for _ in 0..3 {
+                assert_eq!(dw(threads), one, "{threads} threads");
+            }
+        }
+        // And it is the weight gradient: against the f64 direct kernel.
+        let want = Im2colConv3d::default()
+            .grad_weight(
+                &x.to_dtype(DType::F64).unwrap(),
+                &g.to_dtype(DType::F64).unwrap(),
+            )
+            .unwrap();
+        let got: Vec<f64> = one.iter().map(|&v| v as f64).collect();
+        assert!(max_diff(&got, &flat(&want)) < 1e-4);
+    }
+
+    #[test]
     fn conv3d_1x1_matches_direct_convolution_and_gradients() {
         let x = randn(&[2, 3, 2, 3, 2], 5);
         let w = randn(&[4, 3, 1, 1, 1], 6);

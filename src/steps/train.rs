@@ -125,14 +125,6 @@ pub struct TrainParams {
     /// Batch-building threads.
     #[serde(default = "two")]
     pub workers: usize,
-    /// Use a Conv3d kernel with fixed-order gradient sums, so a resumed run
-    /// ends bitwise equal to an uninterrupted one (slower on CPU).
-    #[serde(default = "yes")]
-    pub deterministic: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn default_model() -> serde_json::Value {
@@ -343,10 +335,6 @@ impl StepKind for Train {
             ("seed", "init and patch stream (0)"),
             ("device", "auto | cpu | cuda | cuda:N"),
             ("workers", "batch-building threads (2)"),
-            (
-                "deterministic",
-                "bitwise-reproducible Conv3d gradients, needed for exact resume (true)",
-            ),
         ]
     }
     fn check_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
@@ -409,15 +397,12 @@ impl StepKind for Train {
             .collect();
 
         let model =
-            SwinModel::init(&model_cfg, p.seed, &device, p.deterministic).map_err(train_err)?;
+            SwinModel::init(&model_cfg, p.seed, &device).map_err(train_err)?;
         ctx.progress.set_total(cfg.iterations as u64);
-        let started = std::time::Instant::now();
-        let mut on_iteration = |done: usize, total: usize, loss: f64| {
+        let mut on_iteration = |done: usize, _total: usize, loss: f64| {
+            // Message first: a plain (non-terminal) progress line prints on the position update.
+            ctx.progress.set_message(format!("loss {loss:.4}"));
             ctx.progress.set_position(done as u64);
-            let elapsed = started.elapsed().as_secs_f64();
-            let eta = elapsed / done.max(1) as f64 * (total - done) as f64;
-            ctx.progress
-                .set_message(format!("it {done}/{total} loss {loss:.4} eta {eta:.0}s"));
         };
         let cancelled = || ctx.cancel.is_cancelled();
         let outcome = trainer::train(

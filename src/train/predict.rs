@@ -109,6 +109,7 @@ impl LoadedModel {
 /// `tsdistill predict MODEL IN.nii.gz OUT.nii.gz`: writes a uint8 label map
 /// with the input's shape and affine.
 pub fn predict_file(model: &Path, input: &Path, output: &Path, device: &Device) -> Result<()> {
+    crate::alloc::keep_freed_memory();
     let m = LoadedModel::load(model, device)?;
     let ct = nifti::read(input).map_err(|e| TrainError::BadFile {
         path: input.to_path_buf(),

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::nn::ops::default_conv3d_kernel;
-use crate::nn::{Conv3dKernel, Im2colConv3d, SwinUnetr, SwinUnetrConfig};
+use crate::nn::{Conv3dKernel, SwinUnetr, SwinUnetrConfig};
 
 use super::error::{param_err, Result, TrainError};
 use super::model::{reseed_varmap, sorted_vars, TrainModel};
@@ -22,24 +22,12 @@ pub struct SwinModel {
 impl SwinModel {
     /// A freshly initialised model, deterministic in `seed` on every device.
     ///
-    /// `deterministic` picks nn's `Im2colConv3d` kernel, whose weight
-    /// gradient is summed in a fixed order; nn's default `CpuConv3d` reduces
-    /// the weight gradient with a rayon `fold`/`reduce_with`, whose grouping
-    /// depends on work stealing, so two runs differ in the last bits and a
-    /// resumed run is not bitwise the uninterrupted one.
-    pub fn init(
-        cfg: &SwinUnetrConfig,
-        seed: u64,
-        device: &Device,
-        deterministic: bool,
-    ) -> Result<Self> {
+    /// nn's default Conv3d kernel sums its weight gradient in a fixed order,
+    /// so a resumed run ends bitwise equal to an uninterrupted one on CPU.
+    pub fn init(cfg: &SwinUnetrConfig, seed: u64, device: &Device) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let kernel: Arc<dyn Conv3dKernel> = if deterministic {
-            Arc::new(Im2colConv3d::default())
-        } else {
-            default_conv3d_kernel()
-        };
+        let kernel: Arc<dyn Conv3dKernel> = default_conv3d_kernel();
         let net = SwinUnetr::with_kernel(cfg, vb, kernel).map_err(nn_err)?;
         reseed_varmap(&varmap, seed)?;
         Ok(SwinModel { net, varmap })

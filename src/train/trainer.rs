@@ -203,6 +203,7 @@ pub fn train(
     work_dir: &Path,
     hooks: Hooks,
 ) -> Result<TrainOutcome> {
+    crate::alloc::keep_freed_memory();
     cfg.validate()?;
     if train_cases.is_empty() {
         return Err(param_err("data", "no training case"));
