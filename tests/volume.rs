@@ -484,7 +484,9 @@ fn r4_real_ct_resample_preserves_organ_volumes_and_origin() {
             for o in 0..lab.shape[a] {
                 let w = lab.affine[a][a] * o as f64 + lab.affine[a][3];
                 let c = (w - seg.affine[a][3]) / seg.affine[a][a];
-                let i = (c + 0.5 + 1e-9).floor().clamp(0.0, (seg.shape[a] - 1) as f64);
+                let i = (c + 0.5 + 1e-9)
+                    .floor()
+                    .clamp(0.0, (seg.shape[a] - 1) as f64);
                 m[i as usize] += 1;
             }
             m
@@ -531,7 +533,11 @@ fn r4_real_ct_resample_preserves_organ_volumes_and_origin() {
         // grid (MONAI: +2.008%, the other parity). Per-label trilinear +
         // argmax (nnU-Net's resize) is worse here; see docs/volumes.md.
         if name == "adrenal_gland_right" {
-            assert!((100.0 * rel + 2.008).abs() < 5e-4, "{name}: {:+.4}%", 100.0 * rel);
+            assert!(
+                (100.0 * rel + 2.008).abs() < 5e-4,
+                "{name}: {:+.4}%",
+                100.0 * rel
+            );
         } else {
             assert!(
                 rel.abs() < 0.02,

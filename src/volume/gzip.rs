@@ -276,7 +276,9 @@ mod tests {
 
     #[test]
     fn foreign_files_one_member_or_several() {
-        let data: Vec<u8> = (0..500_000u32).map(|i| (i % 97) as u8 ^ (i >> 11) as u8).collect();
+        let data: Vec<u8> = (0..500_000u32)
+            .map(|i| (i % 97) as u8 ^ (i >> 11) as u8)
+            .collect();
         let one = foreign(&data);
         assert!(our_members(&one).is_none());
         assert!(inflate_single(&one).is_some());
@@ -285,7 +287,10 @@ mod tests {
         // ISIZE, so only "all input used" tells it is not the whole file.
         let two = [one.clone(), one.clone()].concat();
         assert!(inflate_single(&two).is_none());
-        assert_eq!(decompress(&two, None).unwrap(), [&data[..], &data[..]].concat());
+        assert_eq!(
+            decompress(&two, None).unwrap(),
+            [&data[..], &data[..]].concat()
+        );
         assert!(matches!(
             decompress(&one[..one.len() / 2], None),
             Err(GzipError::Truncated(_))

@@ -465,8 +465,7 @@ fn decode_single_member(path: &Path, raw: &[u8]) -> Result<Option<Volume>> {
     };
     let (off, size) = (h.vox_offset as usize, dtype.size());
     let n: usize = shape.iter().product();
-    if h.big_endian != cfg!(target_endian = "big") || off % size != 0 || total != off + n * size
-    {
+    if h.big_endian != cfg!(target_endian = "big") || off % size != 0 || total != off + n * size {
         return Ok(None);
     }
     let mut data = zeroed(dtype, off / size + n);
