@@ -475,6 +475,37 @@ fn r4_real_ct_resample_preserves_organ_volumes_and_origin() {
     // MONAI's counts on the same file (make_fixtures.py real-ct).
     let monai = json("real_ct_monai.json");
     let after = counts(&lab);
+    // What nearest must give, from the geometry alone: how many output voxel
+    // centres fall in each input voxel along each axis (the grids are axis
+    // aligned; halves round up), multiplied over an organ's voxels.
+    let mult: Vec<Vec<usize>> = (0..3)
+        .map(|a| {
+            let mut m = vec![0usize; seg.shape[a]];
+            for o in 0..lab.shape[a] {
+                let w = lab.affine[a][a] * o as f64 + lab.affine[a][3];
+                let c = (w - seg.affine[a][3]) / seg.affine[a][a];
+                let i = (c + 0.5 + 1e-9)
+                    .floor()
+                    .clamp(0.0, (seg.shape[a] - 1) as f64);
+                m[i as usize] += 1;
+            }
+            m
+        })
+        .collect();
+    // 3 mm → 1.5 mm in-plane: two centres per voxel (one for the first);
+    // 3 → 2 mm in z: one centre on even slices, two on odd ones.
+    assert_eq!(&mult[0][..3], &[1, 2, 2]);
+    assert_eq!(&mult[2][..4], &[1, 2, 1, 2]);
+    let mut predicted = BTreeMap::new();
+    let seg_labels = seg.data.to_labels();
+    for z in 0..seg.shape[2] {
+        for y in 0..seg.shape[1] {
+            for x in 0..seg.shape[0] {
+                let l = seg_labels[seg.index(x, y, z)];
+                *predicted.entry(l).or_insert(0usize) += mult[0][x] * mult[1][y] * mult[2][z];
+            }
+        }
+    }
     let (mut worst, mut worst_monai) = (0.0f64, 0.0f64);
     for (id, name, n) in FORCE_SPLIT_COUNTS {
         let mm3 = n as f64 * v0;
@@ -488,16 +519,32 @@ fn r4_real_ct_resample_preserves_organ_volumes_and_origin() {
         );
         worst = worst.max(rel.abs());
         worst_monai = worst_monai.max(rel_m.abs());
-        // 2% for every organ; the adrenal glands (166 and 210 voxels of
-        // 3 mm) get 2.5%: nearest at 3 → 2 mm gives odd slices two samples
-        // and even ones one, so a 6-slice organ moves by ~±2% on its own
-        // (MONAI: +2.008% on the right adrenal too).
-        let tol = if n < 500 { 0.025 } else { 0.02 };
-        assert!(
-            rel.abs() < tol,
-            "{name}: {mm3} mm³ → {got} mm³ ({:+.3}%)",
-            100.0 * rel
+        // Every organ's count is exactly the sampling rule's: the deviations
+        // below are the rule's, not slips at edges or in the grid.
+        assert_eq!(
+            after.get(&(id as i64)),
+            predicted.get(&(id as i64)),
+            "{name}: count vs the sampling rule"
         );
+        // Within 2% for every organ but one: the right adrenal (11 slices,
+        // 96..=106) has 10 more voxels on even slices (2 mm of output each)
+        // than on odd ones (4 mm): (N_odd − N_even)/3N = −2.008%, which any
+        // rule labelling a voxel by what is at its centre gives on MONAI's
+        // grid (MONAI: +2.008%, the other parity). Per-label trilinear +
+        // argmax (nnU-Net's resize) is worse here; see docs/volumes.md.
+        if name == "adrenal_gland_right" {
+            assert!(
+                (100.0 * rel + 2.008).abs() < 5e-4,
+                "{name}: {:+.4}%",
+                100.0 * rel
+            );
+        } else {
+            assert!(
+                rel.abs() < 0.02,
+                "{name}: {mm3} mm³ → {got} mm³ ({:+.3}%)",
+                100.0 * rel
+            );
+        }
     }
     eprintln!(
         "worst organ volume error: ours {:.3}%, MONAI {:.3}%",
