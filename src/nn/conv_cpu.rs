@@ -5,6 +5,7 @@
 //! Tensors on other devices, or of other dtypes than f32/f64, fall back to [`Im2colConv3d`].
 
 use super::ops::{Conv3dKernel, Im2colConv3d};
+use super::SyncPtr;
 use candle_core::{DType, Device, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -17,12 +18,6 @@ pub struct CpuConv3d {
 
 /// Weight-gradient work is cut into this many fixed plane ranges (enough to keep 16 threads busy).
 const DW_CHUNKS: usize = 16;
-
-/// A raw output pointer shared by tasks that write disjoint regions.
-#[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
-unsafe impl<T> Send for SyncPtr<T> {}
-unsafe impl<T> Sync for SyncPtr<T> {}
 
 /// Dims of a `[B,C,D,H,W]` volume.
 #[derive(Clone, Copy)]

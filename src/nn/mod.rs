@@ -44,6 +44,13 @@ pub use swin_unetr::{Downsample, SwinUnetr, SwinUnetrConfig};
 
 use std::path::PathBuf;
 
+/// A raw output pointer shared by parallel tasks that write disjoint regions.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
+// SAFETY: only used by tasks that write disjoint element ranges of one live buffer.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
 /// Errors of the nn module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -12,6 +12,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor, D};
 use std::sync::Arc;
 
+use super::SyncPtr;
+
 /// Variance epsilon of PyTorch's `nn.InstanceNorm3d` and `nn.LayerNorm` defaults.
 pub const NORM_EPS: f64 = 1e-5;
 
@@ -582,19 +584,11 @@ impl candle_core::CustomOp3 for AttnProbs {
         y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, y, g) = (q.detach(), k.detach(), y.detach(), g.detach());
-        // d(logits) = y·(g − Σ g·y)
-        let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
-        let dz = (&y * g.broadcast_sub(&dot)?)?;
-        drop(g);
+        let (q, k) = (q.detach(), k.detach());
+        let (dz, db) = softmax_bias_grad(&y.detach(), &g.detach(), bias)?;
         // logits = q·kᵀ: dq = dz·k, dk = dzᵀ·q
         let dq = dz.matmul(&k)?;
         let dk = dz.t()?.matmul(&q)?;
-        let tiles = dz.elem_count() / bias.elem_count();
-        let db = dz
-            .reshape((tiles, bias.elem_count()))?
-            .sum(0)?
-            .reshape(bias.shape())?;
         Ok((Some(dq), Some(dk), Some(db)))
     }
 }
@@ -674,6 +668,17 @@ impl candle_core::CustomOp2 for SoftmaxBias {
         y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dz, db) = softmax_bias_grad(y, g, bias)?;
+        Ok((Some(dz), Some(db)))
+    }
+}
+
+/// Backward of `y = softmax(z + tiled bias)` over the last dim: `dz = y·(g − Σ g·y)` and
+/// `dbias = Σ_tiles dz`. On CPU (f32/f64) one fused parallel pass, parallel over bias rows with
+/// the tiles summed in order (bitwise the same on any thread count); elsewhere tensor ops.
+fn softmax_bias_grad(y: &Tensor, g: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
+    let cpu = y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64);
+    if !cpu || g.dtype() != y.dtype() {
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
         let dz = (y * g.broadcast_sub(&dot)?)?;
         let tiles = dz.elem_count() / bias.elem_count();
@@ -681,8 +686,70 @@ impl candle_core::CustomOp2 for SoftmaxBias {
             .reshape((tiles, bias.elem_count()))?
             .sum(0)?
             .reshape(bias.shape())?;
-        Ok((Some(dz), Some(db)))
+        return Ok((dz, db));
     }
+    let (y, g) = (y.contiguous()?, g.contiguous()?);
+    let n = y.dims().last().copied().unwrap_or(1);
+    let per = bias.elem_count();
+    let (ys, yl) = y.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (Some((ya, yb)), Some((ga, gb))) = (yl.contiguous_offsets(), gl.contiguous_offsets())
+    else {
+        candle_core::bail!("softmax backward: inputs must be contiguous")
+    };
+    let dev = candle_core::Device::Cpu;
+    use candle_core::Storage::Cpu;
+    match (&*ys, &*gs) {
+        (Cpu(CpuStorage::F32(y)), Cpu(CpuStorage::F32(g))) => {
+            let (dz, db) = softmax_bias_grad_rows(&y[ya..yb], &g[ga..gb], per, n);
+            Ok((
+                Tensor::from_vec(dz, yl.shape(), &dev)?,
+                Tensor::from_vec(db, bias.shape(), &dev)?,
+            ))
+        }
+        (Cpu(CpuStorage::F64(y)), Cpu(CpuStorage::F64(g))) => {
+            let (dz, db) = softmax_bias_grad_rows(&y[ya..yb], &g[ga..gb], per, n);
+            Ok((
+                Tensor::from_vec(dz, yl.shape(), &dev)?,
+                Tensor::from_vec(db, bias.shape(), &dev)?,
+            ))
+        }
+        _ => candle_core::bail!("softmax backward: f32/f64 CPU tensors of one dtype"),
+    }
+}
+
+fn softmax_bias_grad_rows<T>(y: &[T], g: &[T], per: usize, n: usize) -> (Vec<T>, Vec<T>)
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    use rayon::prelude::*;
+    let tiles = y.len() / per;
+    let mut dz = vec![T::zero(); y.len()];
+    let mut db = vec![T::zero(); per];
+    let dzp = SyncPtr(dz.as_mut_ptr());
+    db.par_chunks_mut(n)
+        .with_min_len(8)
+        .enumerate()
+        .for_each(|(r, dbrow)| {
+            let dzp = dzp;
+            for t in 0..tiles {
+                let start = t * per + r * n;
+                let (yr, gr) = (&y[start..start + n], &g[start..start + n]);
+                let dot = yr
+                    .iter()
+                    .zip(gr)
+                    .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                // SAFETY: row `start..start+n` of dz belongs to this task alone (one bias row r
+                // per task, one tile t per iteration).
+                let out = unsafe { std::slice::from_raw_parts_mut(dzp.0.add(start), n) };
+                for k in 0..n {
+                    let v = yr[k] * (gr[k] - dot);
+                    out[k] = v;
+                    dbrow[k] = dbrow[k] + v;
+                }
+            }
+        });
+    (dz, db)
 }
 
 /// Fused CPU softmax over the last dim; backward `dx = y·(g − Σ g·y)`.
