@@ -832,7 +832,7 @@ steps:
     run: echo "start $TSD_CASE" >> $TSD_WORKSPACE/count; sleep 2; cp $TSD_CASE_DIR/image.txt $TSD_OUT/
 "#,
     );
-    let mut child = d
+    let child = d
         .command(&["run", "p.yaml", "-j", "1"])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -986,4 +986,44 @@ steps:
         Some((1, 2)),
         "case01 is reused"
     );
+}
+
+#[test]
+fn logs_get_plain_progress_lines_when_stderr_is_not_a_terminal() {
+    let d = Dir::new("plain-progress");
+    d.cases(3);
+    d.write(
+        "p.yaml",
+        r#"
+steps:
+  ct: {kind: dataset, images: "data/*.txt"}
+  slow:
+    kind: case-command
+    input: ct
+    run: sleep 0.2; cp $TSD_CASE_DIR/image.txt $TSD_OUT/
+"#,
+    );
+    // Throttle 0: a line on every update (the default is one per 30 s).
+    let out = d
+        .command(&["run", "p.yaml", "-j", "1"])
+        .env("TSDISTILL_PROGRESS_SECS", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for n in 1..=3 {
+        assert!(
+            err.contains(&format!("    Progress slow {n}/3 (")),
+            "no progress line {n}/3 in:\n{err}"
+        );
+    }
+    assert!(err.contains("left)"), "no time estimate in:\n{err}");
+    // --quiet prints none.
+    std::fs::remove_dir_all(d.cache()).unwrap();
+    let out = d
+        .command(&["run", "p.yaml", "-j", "1", "--quiet"])
+        .env("TSDISTILL_PROGRESS_SECS", "0")
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("Progress"));
 }
