@@ -91,7 +91,12 @@ fn one(feature: usize, size: usize, mode: &str, iters: usize) {
         )
         .unwrap();
         Box::new(move || {
-            let loss = dice_ce_loss(&train_model.forward(&x).unwrap(), &y, &DiceCeOptions::default()).unwrap();
+            let loss = dice_ce_loss(
+                &train_model.forward(&x).unwrap(),
+                &y,
+                &DiceCeOptions::default(),
+            )
+            .unwrap();
             opt.backward_step(&loss).unwrap();
         })
     };

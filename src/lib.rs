@@ -10,7 +10,8 @@
 //! - [`volume`]: NIfTI I/O, orientation, resampling, phantoms;
 //! - [`nn`]: 3D convolutions and SwinUNETR on Candle;
 //! - [`totalseg`]: TotalSegmentator outputs → BTCV label maps;
-//! - [`train`]: patch sampling, training loop, sliding-window inference.
+//! - [`train`]: patch sampling, training loop, sliding-window inference;
+//! - [`alloc`]: allocator tuning for tensor-heavy work.
 
 pub mod alloc;
 pub mod cache;
@@ -23,4 +24,3 @@ pub mod steps;
 pub mod totalseg;
 pub mod train;
 pub mod volume;
-

@@ -111,8 +111,8 @@ impl Progress {
         let pos = self.bar.position();
         let sep = if msg.is_empty() { "" } else { ", " };
         let eta = if pos > 0 && total > pos {
-            let secs = now.duration_since(p.started).as_secs_f64() / pos as f64
-                * (total - pos) as f64;
+            let secs =
+                now.duration_since(p.started).as_secs_f64() / pos as f64 * (total - pos) as f64;
             format!(
                 ", {} left",
                 humantime::format_duration(Duration::from_secs(secs.round() as u64))

@@ -396,8 +396,7 @@ impl StepKind for Train {
             })
             .collect();
 
-        let model =
-            SwinModel::init(&model_cfg, p.seed, &device).map_err(train_err)?;
+        let model = SwinModel::init(&model_cfg, p.seed, &device).map_err(train_err)?;
         ctx.progress.set_total(cfg.iterations as u64);
         let mut on_iteration = |done: usize, _total: usize, loss: f64| {
             // Message first: a plain (non-terminal) progress line prints on the position update.
