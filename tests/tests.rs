@@ -3,6 +3,7 @@
 
 mod common;
 mod engine;
+mod learning;
 mod nn;
 mod totalseg;
 mod train;
