@@ -13,23 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use tsdistill::train::metrics::dice_per_class;
+use tsdistill::volume::phantom::BTCV_ORGANS;
 use tsdistill::volume::{nifti, orientation, Volume};
-
-const ORGANS: [&str; 13] = [
-    "spleen",
-    "kidney_right",
-    "kidney_left",
-    "gallbladder",
-    "esophagus",
-    "liver",
-    "stomach",
-    "aorta",
-    "inferior_vena_cava",
-    "portal_vein_and_splenic_vein",
-    "pancreas",
-    "adrenal_gland_right",
-    "adrenal_gland_left",
-];
 
 fn workspace(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tsdistill-learn-{tag}-{}", std::process::id()));
@@ -151,7 +136,7 @@ steps:
         eprintln!(
             "overfit {} {:<30} {:>6.0} voxels  Dice {:.3}",
             r.case,
-            ORGANS[r.class - 1],
+            BTCV_ORGANS[r.class - 1],
             voxels,
             r.dice
         );
