@@ -78,8 +78,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     };
     match spec {
         "cpu" => Ok(Device::Cpu),
+        // A CUDA build on a machine without a driver or GPU runs on the CPU: `cuda_is_available`
+        // only says how the binary was built, so try the device and fall back.
         "auto" => Ok(if candle_core::utils::cuda_is_available() {
-            cuda(0)?
+            Device::new_cuda(0).unwrap_or(Device::Cpu)
         } else {
             Device::Cpu
         }),
