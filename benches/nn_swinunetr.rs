@@ -10,7 +10,9 @@
 //!
 //! Reported per case: seconds per iteration of a forward (no autograd; MONAI with
 //! `use_flash_attention=True`) and of a train step (forward + DiceCE backward + AdamW), and the
-//! peak resident memory of the train process.
+//! peak resident memory of the train process; `train-ckpt` (not run unless named in
+//! `TSDISTILL_BENCH_MODES`) is the train step with gradient checkpointing on both sides
+//! (`use_checkpoint`; MONAI checkpoints the Swin blocks only, we also the residual conv blocks).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
@@ -60,6 +62,7 @@ fn one(feature: usize, size: usize, mode: &str, iters: usize) {
     let dev = Device::Cpu;
     let mut cfg = SwinUnetrConfig::new(1, 14);
     cfg.feature_size = feature;
+    cfg.use_checkpoint = mode == "train-ckpt";
     let varmap = VarMap::new();
     let train_model = SwinUnetr::from_varmap(&cfg, &varmap, &dev).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 1, size, size, size), &dev).unwrap();
@@ -97,7 +100,7 @@ fn one(feature: usize, size: usize, mode: &str, iters: usize) {
                 &DiceCeOptions::default(),
             )
             .unwrap();
-            opt.backward_step(&loss).unwrap();
+            opt.step(&train_model.backward(&loss).unwrap()).unwrap();
         })
     };
     let mut step = step;
@@ -148,7 +151,7 @@ fn main() {
     let exe = std::env::current_exe().unwrap();
     println!("threads {threads}; seconds/iteration, peak RSS GiB; ratio = candle / torch");
     println!(
-        "{:<8} {:<8} {:>10} {:>10} {:>7} {:>9} {:>9} {:>7}",
+        "{:<8} {:<10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>7}",
         "case", "mode", "candle s", "torch s", "ratio", "candle GB", "torch GB", "ratio"
     );
     for case in CASES {
@@ -157,7 +160,7 @@ fn main() {
         }
         let modes =
             std::env::var("TSDISTILL_BENCH_MODES").unwrap_or_else(|_| "forward,train".into());
-        for mode in ["forward", "train"] {
+        for mode in ["forward", "train", "train-ckpt"] {
             if !modes.split(',').any(|m| m == mode) {
                 continue;
             }
@@ -174,7 +177,7 @@ fn main() {
             let (a, am) = parse(&ours, "candle");
             let (b, bm) = parse(&theirs, "torch");
             println!(
-                "{:<8} {:<8} {:>10.3} {:>10.3} {:>7.2} {:>9.2} {:>9.2} {:>7.2}",
+                "{:<8} {:<10} {:>10.3} {:>10.3} {:>7.2} {:>9.2} {:>9.2} {:>7.2}",
                 case.name,
                 mode,
                 a,

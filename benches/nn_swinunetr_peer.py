@@ -1,6 +1,6 @@
 """PyTorch/MONAI peer of benches/nn_swinunetr.rs: one measurement per process.
 
-usage: nn_swinunetr_peer.py FEATURE SIZE forward|train ITERS THREADS
+usage: nn_swinunetr_peer.py FEATURE SIZE forward|train|train-ckpt ITERS THREADS
 Prints "seconds_per_iteration peak_rss_kib". Forward uses use_flash_attention=True (MONAI's
 fastest inference path) under no_grad; train is forward + DiceCELoss backward + AdamW step.
 """
@@ -26,7 +26,8 @@ def main():
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     model = SwinUNETR(in_channels=1, out_channels=14, feature_size=feature,
-                      use_flash_attention=(mode == "forward"))
+                      use_flash_attention=(mode == "forward"),
+                      use_checkpoint=(mode == "train-ckpt"))
     x = torch.randn(1, 1, size, size, size)
     y = torch.randint(0, 14, (1, 1, size, size, size))
     if mode == "forward":

@@ -148,6 +148,51 @@ fn r3_parity_f12_64_gradients() {
     assert_eq!(checked, 10);
 }
 
+/// Gradient checkpointing (`use_checkpoint`) changes where memory goes, not the numbers: the
+/// same loss, every one of the 151 parameters' gradients equal to the plain model's (f64), the
+/// ten MONAI gradients matched as above; and a plain `loss.backward()` on a checkpointed model is
+/// caught at the next forward instead of silently training only part of it.
+#[test]
+fn r3_gradient_checkpointing_keeps_every_gradient() {
+    let c = cases();
+    let x = c["input_64"].to_dtype(DType::F64).unwrap();
+    let run = |use_checkpoint: bool| {
+        let mut cfg = cfg(Downsample::Merging, false);
+        cfg.use_checkpoint = use_checkpoint;
+        let (model, varmap) =
+            SwinUnetr::trainable_from_state_dict(base_weights(), &cfg, &Device::Cpu, DType::F64)
+                .unwrap();
+        let loss = dice_ce_loss(&model.forward(&x).unwrap(), &c["label_64"]).unwrap();
+        let grads = model.backward(&loss).unwrap();
+        let vars = varmap.data().lock().unwrap().clone();
+        let g: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+            .collect();
+        (loss.to_scalar::<f64>().unwrap(), g, model)
+    };
+    let (plain_loss, plain, _) = run(false);
+    let (loss, ckpt, model) = run(true);
+    assert_eq!(loss, plain_loss);
+    assert_eq!(ckpt.len(), 151);
+    for (name, g) in &ckpt {
+        let e = rel_err(g, &plain[name]);
+        assert!(e < 1e-12, "grad {name}: checkpointed vs plain rel err {e}");
+    }
+    for (name, want) in c
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("grad.")?, v)))
+    {
+        let e = rel_err(&ckpt[name], want);
+        assert!(e < 1e-6, "grad {name}: rel err {e} vs MONAI");
+    }
+    // The wrong backward: the blocks' parameter gradients are left behind, and said so.
+    let loss = dice_ce_loss(&model.forward(&x).unwrap(), &c["label_64"]).unwrap();
+    drop(loss.backward().unwrap());
+    let err = model.forward(&x).unwrap_err().to_string();
+    assert!(err.contains("SwinUnetr::backward"), "{err}");
+}
+
 /// Non-cubic 64×64×32 (small windows in stages 3-4, padding, masks with a zero shift in one dim)
 /// for each PatchMerging variant and for use_v2, all from one weights file.
 #[test]

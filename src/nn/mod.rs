@@ -36,6 +36,7 @@
 pub mod checkpoint;
 pub mod conv_cpu;
 pub mod ops;
+mod recompute;
 pub mod swin_unetr;
 
 pub use conv_cpu::CpuConv3d;

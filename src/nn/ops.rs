@@ -150,10 +150,10 @@ fn flip_transpose(w: &Tensor) -> Result<Tensor> {
 /// Hands a result computed outside the autograd graph to a custom op's forward: the op takes it
 /// out (so the graph keeps only the op's output, not a second copy) and returns a copy of its
 /// storage. Works on every device whose storage can be cloned.
-struct Carried(std::sync::Mutex<Option<Tensor>>);
+pub(crate) struct Carried(std::sync::Mutex<Option<Tensor>>);
 
 impl Carried {
-    fn new(y: Tensor) -> Self {
+    pub(crate) fn new(y: Tensor) -> Self {
         Self(std::sync::Mutex::new(Some(y)))
     }
 
@@ -165,7 +165,7 @@ impl Carried {
         Ok(y)
     }
 
-    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+    pub(crate) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
         let y = self.take()?;
         let (storage, layout) = y.storage_and_layout();
         match (&*storage, layout.contiguous_offsets()) {
@@ -177,7 +177,7 @@ impl Carried {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+    pub(crate) fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
         let y = self.take()?;
         let (storage, layout) = y.storage_and_layout();
         match (&*storage, layout.contiguous_offsets()) {

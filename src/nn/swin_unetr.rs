@@ -6,7 +6,9 @@
 //! `[B,D,H,W,C]`; attention windows are `[B·nW, n, C]`.
 
 use super::ops::{self, Conv3dKernel, LayerNorm};
+use super::recompute::{self, Block, RecomputedGrads};
 use super::Error;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -91,6 +93,13 @@ pub struct SwinUnetrConfig {
     /// Layer-normalise (no affine) the hidden states fed to the decoder.
     #[serde(default = "default_true")]
     pub normalize: bool,
+    /// Gradient checkpointing (MONAI's `use_checkpoint`): each Swin block and each residual conv
+    /// block keeps only its input for backward and is run again there. Trades about a third
+    /// more time per train step for a fraction of the memory; no effect on the numbers. A
+    /// training-time setting: never written to `model.json`, and ignored by a model without
+    /// trainable variables.
+    #[serde(default, skip_serializing)]
+    pub use_checkpoint: bool,
 }
 
 impl SwinUnetrConfig {
@@ -107,6 +116,7 @@ impl SwinUnetrConfig {
             use_v2: false,
             downsample: Downsample::default(),
             normalize: true,
+            use_checkpoint: false,
         }
     }
 
@@ -604,8 +614,8 @@ impl BasicLayer {
         })
     }
 
-    /// `[B,C,D,H,W]` -> `[B,2C,D/2,H/2,W/2]`.
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+    /// `[B,C,D,H,W]` -> `[B,2C,D/2,H/2,W/2]`; each block checkpointed when `ckpt` is given.
+    fn forward(&self, x: &Tensor, ckpt: Option<&RecomputedGrads>) -> CResult<Tensor> {
         let (_, _, d, h, w) = x.dims5()?;
         let (ws, shift) = effective_window([d, h, w], self.window, self.window / 2);
         // [B,C,D,H,W] -> [B,D,H,W,C]
@@ -620,7 +630,14 @@ impl BasicLayer {
             None
         };
         for blk in &self.blocks {
-            x = blk.forward(&x, ws, shift, mask.as_ref())?;
+            x = match ckpt {
+                None => blk.forward(&x, ws, shift, mask.as_ref())?,
+                Some(grads) => {
+                    let (blk, mask) = (blk.clone(), mask.clone());
+                    let block: Block = Arc::new(move |x| blk.forward(x, ws, shift, mask.as_ref()));
+                    recompute::checkpoint(&x, block, grads)?
+                }
+            };
         }
         let x = self.downsample.forward(&x)?;
         // [B,D',H',W',C'] -> [B,C',D',H',W']
@@ -660,6 +677,17 @@ impl UnetResBlock {
             kernel: kernel.clone(),
         })
     }
+
+    /// `forward`, checkpointed when `ckpt` is given.
+    fn checkpointed(&self, x: &Tensor, ckpt: Option<&RecomputedGrads>) -> CResult<Tensor> {
+        match ckpt {
+            None => self.forward(x),
+            Some(grads) => {
+                let me = self.clone();
+                recompute::checkpoint(x, Arc::new(move |x| me.forward(x)), grads)
+            }
+        }
+    }
 }
 
 impl Module for UnetResBlock {
@@ -696,10 +724,16 @@ impl UnetrUpBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, skip: &Tensor) -> CResult<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        skip: &Tensor,
+        ckpt: Option<&RecomputedGrads>,
+    ) -> CResult<Tensor> {
         let up = ops::conv_transpose3d_k2(x, &self.transp_conv)?;
         // the upsampled tensor comes first (unetr_block.py:84)
-        self.conv_block.forward(&Tensor::cat(&[&up, skip], 1)?)
+        self.conv_block
+            .checkpointed(&Tensor::cat(&[&up, skip], 1)?, ckpt)
     }
 }
 
@@ -756,14 +790,19 @@ impl SwinTransformer {
     }
 
     /// The five hidden states fed to the decoder (normalised when `normalize`).
-    fn forward(&self, x: &Tensor, normalize: bool) -> CResult<Vec<Tensor>> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        normalize: bool,
+        ckpt: Option<&RecomputedGrads>,
+    ) -> CResult<Vec<Tensor>> {
         let mut h = ops::patch_embed_k2(x, &self.patch_w, &self.patch_b)?;
         let mut out = vec![proj_out(&h, normalize)?];
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(c) = &self.layers_c {
-                h = c[i].forward(&h)?;
+                h = c[i].checkpointed(&h, ckpt)?;
             }
-            h = layer.forward(&h)?;
+            h = layer.forward(&h, ckpt)?;
             out.push(proj_out(&h, normalize)?);
         }
         Ok(out)
@@ -780,6 +819,8 @@ pub struct SwinUnetr {
     out_w: Tensor,
     out_b: Tensor,
     params: Vec<(String, Tensor)>,
+    /// Set when `cfg.use_checkpoint`: where recomputed blocks leave their parameters' gradients.
+    recomputed: Option<RecomputedGrads>,
 }
 
 impl std::fmt::Debug for SwinUnetr {
@@ -834,6 +875,9 @@ impl SwinUnetr {
         let out_w = o.uniform(&[cfg.out_channels, f, 1, 1, 1], "weight", f)?;
         let out_b = o.uniform(&[cfg.out_channels], "bias", f)?;
         let params = p.take();
+        let trainable = params.iter().any(|(_, t)| t.is_variable());
+        let recomputed = (cfg.use_checkpoint && trainable)
+            .then(|| RecomputedGrads::new(params.iter().map(|(_, t)| t.id())));
         Ok(Self {
             cfg: cfg.clone(),
             swin_vit,
@@ -842,6 +886,7 @@ impl SwinUnetr {
             out_w,
             out_b,
             params,
+            recomputed,
         })
     }
 
@@ -888,6 +933,23 @@ impl SwinUnetr {
         Ok(())
     }
 
+    /// Gradients of `loss` for every parameter. Use this rather than `loss.backward()`: with
+    /// `use_checkpoint` the checkpointed blocks' parameter gradients arrive only through it.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore, Error> {
+        let run = || {
+            let mut grads = loss.backward()?;
+            if let Some(r) = &self.recomputed {
+                r.merge_into(&mut grads)?;
+            }
+            Ok::<_, candle_core::Error>(grads)
+        };
+        let grads = run();
+        if let Some(r) = &self.recomputed {
+            r.clear(); // nothing of a failed pass may leak into the next one
+        }
+        Ok(grads?)
+    }
+
     /// Logits `[B, out_channels, D, H, W]` for an image `[B, in_channels, D, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
         self.check_input(x.dims())?;
@@ -895,22 +957,30 @@ impl SwinUnetr {
     }
 
     fn forward_unchecked(&self, x: &Tensor) -> CResult<Tensor> {
+        let ckpt = self.recomputed.as_ref();
+        if ckpt.is_some_and(|c| c.has_pending()) {
+            candle_core::bail!(
+                "SwinUNETR with use_checkpoint: the last backward pass left the checkpointed \
+                 blocks' gradients uncollected; call `SwinUnetr::backward(&loss)` instead of \
+                 `loss.backward()` so that they reach the optimiser"
+            )
+        }
         // 1. Swin encoder hidden states hs[0..5].
-        let hs = self.swin_vit.forward(x, self.cfg.normalize)?;
+        let hs = self.swin_vit.forward(x, self.cfg.normalize, ckpt)?;
         let [e1, e2, e3, e4, e10] = &self.encoders;
         // 2. CNN encoders on the image and the hidden states (swin_unetr.py:394-402).
-        let enc0 = e1.forward(x)?;
-        let enc1 = e2.forward(&hs[0])?;
-        let enc2 = e3.forward(&hs[1])?;
-        let enc3 = e4.forward(&hs[2])?;
-        let dec4 = e10.forward(&hs[4])?;
+        let enc0 = e1.checkpointed(x, ckpt)?;
+        let enc1 = e2.checkpointed(&hs[0], ckpt)?;
+        let enc2 = e3.checkpointed(&hs[1], ckpt)?;
+        let enc3 = e4.checkpointed(&hs[2], ckpt)?;
+        let dec4 = e10.checkpointed(&hs[4], ckpt)?;
         // 3. decoders; hs[3] is used raw as the deepest skip.
         let [d5, d4, d3, d2, d1] = &self.decoders;
-        let dec3 = d5.forward(&dec4, &hs[3])?;
-        let dec2 = d4.forward(&dec3, &enc3)?;
-        let dec1 = d3.forward(&dec2, &enc2)?;
-        let dec0 = d2.forward(&dec1, &enc1)?;
-        let out = d1.forward(&dec0, &enc0)?;
+        let dec3 = d5.forward(&dec4, &hs[3], ckpt)?;
+        let dec2 = d4.forward(&dec3, &enc3, ckpt)?;
+        let dec1 = d3.forward(&dec2, &enc2, ckpt)?;
+        let dec0 = d2.forward(&dec1, &enc1, ckpt)?;
+        let out = d1.forward(&dec0, &enc0, ckpt)?;
         // 4. 1×1×1 output conv with bias.
         ops::conv3d_1x1(&out, &self.out_w, Some(&self.out_b))
     }

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
@@ -27,6 +28,10 @@ pub trait TrainModel {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// Every trainable variable under a stable name, sorted by name.
     fn named_vars(&self) -> Vec<(String, Var)>;
+    /// Gradients of `loss` (a model that recomputes blocks in backward hands theirs out here).
+    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        Ok(loss.backward()?)
+    }
 }
 
 /// The variables of a `VarMap`, sorted by name.

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
@@ -40,6 +41,9 @@ impl TrainModel for SwinModel {
     }
     fn named_vars(&self) -> Vec<(String, Var)> {
         sorted_vars(&self.varmap)
+    }
+    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        self.net.backward(loss).map_err(nn_err)
     }
 }
 

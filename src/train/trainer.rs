@@ -249,7 +249,7 @@ pub fn train(
                 case: batch.case,
             });
         }
-        let mut grads = loss.backward()?;
+        let mut grads = model.backward(&loss)?;
         drop((logits, loss));
         if let Some(max_norm) = cfg.grad_clip {
             clip_grad_norm(&mut grads, &var_list, max_norm)?;
