@@ -927,6 +927,10 @@ fn r5_train_step_resumes_bitwise_and_predict_keeps_the_affine() {
     )
     .unwrap();
     assert!(resumed.metrics["resumed_from"] >= 2.0);
+    // The test process's own peak as read by the kernel: more than the model's weights, less
+    // than the machine.
+    let peak = full.metrics["peak_rss_gib"];
+    assert!(peak > 0.01 && peak < 24.0, "peak_rss_gib {peak}");
     eprintln!(
         "train step (f12, 1×32×32×64): {:.3} it/s, data wait share {:.4}, resumed from {}",
         full.metrics["iterations_per_second"],

@@ -468,6 +468,10 @@ impl StepKind for Train {
         if let Some(last) = outcome.history.last() {
             metrics.insert("final_loss".into(), last.loss);
         }
+        // The process's peak, which training dominates: what to ask a scheduler for.
+        if let Some(peak) = crate::alloc::peak_rss_bytes() {
+            metrics.insert("peak_rss_gib".into(), peak as f64 / (1u64 << 30) as f64);
+        }
         if let Some(b) = &outcome.best {
             metrics.insert("best_iteration".into(), b.iteration as f64);
             metrics.insert("best_val_mean_dice".into(), b.mean_dice);
