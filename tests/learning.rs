@@ -1,12 +1,14 @@
 //! Issue 5, end to end through the binary, as a user runs it: the train step
-//! really learns (two phantoms memorised), `tsdistill predict` puts the labels
+//! really learns (two phantoms, and a real CT with TotalSegmentator's labels,
+//! memorised), `tsdistill predict` puts the labels
 //! back on the organs of the original grid, and scoring weak labels without a
 //! model gives exactly what scoring the model gives.
 //!
-//! This is the slow test of the suite (minutes of CPU training), so the
-//! configuration is the smallest that still proves the point: feature
-//! size 12, one 64×64×32 patch per iteration, data resampled coarse enough
-//! that a patch holds most of a case.
+//! These are the slow tests of the suite (CPU training: ~17 and ~33 minutes
+//! of 2 cores), so the configurations are the smallest that still prove the
+//! point: feature size 12, one 64×64×32 patch per iteration, data resampled
+//! coarse enough that a patch holds most of a case. The real-CT test also
+//! covers the TotalSegmentator path: case-command → totalseg-labels.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -211,4 +213,101 @@ steps:
         );
     }
     assert!(saw_non_ras, "one of the phantoms must be stored non-RAS");
+}
+
+/// Iterations of the real-CT memorisation, validated every 25 (the best
+/// model is kept, as in MONAI's tutorial). Measured with this configuration:
+/// liver 0.88 after 100 iterations, kidneys from 175, the spleen, whose
+/// contrast here (~33 HU) is that of the muscle around it, 0 until 250 and
+/// 0.81 at 300 (other seeds and grids: from 175 to beyond 300), so 400.
+const REAL_CT_ITERATIONS: usize = 400;
+
+/// Real data: TotalSegmentator's example CT (abdomen + pelvis, 3 mm) with its
+/// `--fast -fs` labels as the teacher, through the user's pipeline
+/// (dataset → case-command → totalseg-labels → resample → train → evaluate),
+/// memorised well enough that liver and spleen Dice exceed 0.8 (measured
+/// 0.967 / 0.958, kidneys 0.97 / 0.96, stomach 0.95); then `tsdistill
+/// predict` on the original 3 mm CT lands on TotalSegmentator's liver and
+/// spleen there too (0.925 / 0.913, the 6 mm grid's steps costing the rest).
+#[test]
+fn r5_real_ct_liver_and_spleen_memorised_from_totalsegmentator_labels() {
+    let data = crate::common::test_data().join("totalseg_example");
+    let root = workspace("realct");
+    let spacing = [6.0, 6.0, 6.0];
+    let yaml = format!(
+        r#"
+name: realct
+steps:
+  ct: {{kind: dataset, images: "{d}/example_ct.nii.gz"}}
+  teacher:
+    kind: case-command
+    input: ct
+    keep: [image.nii.gz]
+    run: cp {d}/example_seg_fast_force_split.nii.gz $TSD_OUT/totalseg.nii.gz
+  labels: {{kind: totalseg-labels, input: teacher}}
+  prep: {{kind: resample, input: labels, spacing: {spacing:?}}}
+  fit:
+    kind: train
+    data: prep
+    val: prep
+    model: {{feature_size: 12, out_channels: 14}}
+    roi: [64, 64, 32]
+    samples_per_volume: 1
+    iterations: {REAL_CT_ITERATIONS}
+    val_every: 25
+    lr: {OVERFIT_LR}
+    aug: {{flip_prob: [0, 0, 0], rot90_prob: 0, shift_prob: 0}}
+    seed: 0
+    device: cpu
+  score: {{kind: evaluate, data: prep, model: fit}}
+"#,
+        d = data.display()
+    );
+    std::fs::write(root.join("p.yaml"), yaml).unwrap();
+    tsdistill(&root, &["run", "p.yaml", "--quiet"]);
+    let runs = root.join("runs/realct");
+
+    let rows = per_case(&runs.join("score"));
+    for r in rows.iter().filter(|r| r.class > 0) {
+        eprintln!(
+            "real CT {:<30} Dice {:.3}",
+            BTCV_ORGANS[r.class - 1],
+            r.dice
+        );
+    }
+    let dice = |class: usize| rows.iter().find(|r| r.class == class).unwrap().dice;
+    let (spleen, liver) = (dice(1), dice(6));
+    assert!(
+        spleen > 0.8 && liver > 0.8,
+        "at training resolution: spleen {spleen:.3}, liver {liver:.3}"
+    );
+
+    // On the original 3 mm grid, against the teacher's labels there.
+    let input = data.join("example_ct.nii.gz");
+    let output = root.join("example_ct_seg.nii.gz");
+    tsdistill(
+        &root,
+        &[
+            "predict",
+            runs.join("fit").to_str().unwrap(),
+            input.to_str().unwrap(),
+            output.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+    );
+    let seg = nifti::read(&output).unwrap();
+    let teacher = nifti::read(runs.join("labels/example_ct/label.nii.gz")).unwrap();
+    assert_eq!(seg.shape, teacher.shape);
+    let d = dice_per_class(&labels(&seg), &labels(&teacher), 14);
+    eprintln!(
+        "real CT predicted on its 3 mm grid: spleen {:.3}, liver {:.3}",
+        d[1], d[6]
+    );
+    assert!(
+        d[1] > 0.8 && d[6] > 0.8,
+        "on the original grid: spleen {:.3}, liver {:.3}",
+        d[1],
+        d[6]
+    );
 }
