@@ -49,14 +49,6 @@ const CASES: &[Case] = &[
     },
 ];
 
-fn vm_hwm_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Runs one measurement in this process and prints `secs_per_iter peak_kib`.
 fn one(feature: usize, size: usize, mode: &str, iters: usize) {
     let dev = Device::Cpu;
@@ -112,7 +104,7 @@ fn one(feature: usize, size: usize, mode: &str, iters: usize) {
     println!(
         "{} {}",
         t.elapsed().as_secs_f64() / iters as f64,
-        vm_hwm_kib()
+        tsdistill::alloc::peak_rss_bytes().unwrap_or(0) / 1024
     );
 }
 

@@ -40,6 +40,21 @@ fn tsdistill(root: &Path, args: &[&str]) -> Output {
     out
 }
 
+/// `tsdistill predict MODEL INPUT OUTPUT --device cpu`.
+fn predict(root: &Path, model: &Path, input: &Path, output: &Path) {
+    tsdistill(
+        root,
+        &[
+            "predict",
+            model.to_str().unwrap(),
+            input.to_str().unwrap(),
+            output.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+    );
+}
+
 /// One row of an evaluate step's per_case.csv.
 struct Row {
     case: String,
@@ -174,17 +189,7 @@ steps:
     for case in ["case000", "case001"] {
         let input = runs.join("ct").join(case).join("image.nii.gz");
         let output = root.join(format!("{case}_seg.nii.gz"));
-        tsdistill(
-            &root,
-            &[
-                "predict",
-                runs.join("fit").to_str().unwrap(),
-                input.to_str().unwrap(),
-                output.to_str().unwrap(),
-                "--device",
-                "cpu",
-            ],
-        );
+        predict(&root, &runs.join("fit"), &input, &output);
         let ct = nifti::read(&input).unwrap();
         saw_non_ras |= orientation::axcodes(&ct.affine).unwrap() != ['R', 'A', 'S'];
         let seg = nifti::read(&output).unwrap();
@@ -285,17 +290,7 @@ steps:
     // On the original 3 mm grid, against the teacher's labels there.
     let input = data.join("example_ct.nii.gz");
     let output = root.join("example_ct_seg.nii.gz");
-    tsdistill(
-        &root,
-        &[
-            "predict",
-            runs.join("fit").to_str().unwrap(),
-            input.to_str().unwrap(),
-            output.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ],
-    );
+    predict(&root, &runs.join("fit"), &input, &output);
     let seg = nifti::read(&output).unwrap();
     let teacher = nifti::read(runs.join("labels/example_ct/label.nii.gz")).unwrap();
     assert_eq!(seg.shape, teacher.shape);
