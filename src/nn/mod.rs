@@ -37,6 +37,7 @@ pub mod checkpoint;
 pub mod conv_cpu;
 pub mod ops;
 mod recompute;
+mod softmax_cpu;
 pub mod swin_unetr;
 
 pub use conv_cpu::CpuConv3d;

@@ -12,7 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor, D};
 use std::sync::Arc;
 
-use super::SyncPtr;
+use super::softmax_cpu;
 
 /// Variance epsilon of PyTorch's `nn.InstanceNorm3d` and `nn.LayerNorm` defaults.
 pub const NORM_EPS: f64 = 1e-5;
@@ -530,15 +530,122 @@ pub fn softmax_with_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// Attention probabilities `softmax(q·kᵀ + bias)` over the last dim, `bias` tiled over the
 /// leading dims as in [`softmax_with_bias`]: q, k `[Bw,h,n,hd]` (q already scaled), bias
 /// `[G,h,n,n]` → `[Bw,h,n,n]`. The logits `q·kᵀ` are not kept for backward (which needs only the
-/// probabilities, q and k), halving the attention memory of the autograd graph.
+/// probabilities, q and k), halving the attention memory of the autograd graph. On CPU (f32/f64)
+/// the logits are not even materialised: one fused pass per (window, head).
 pub fn attention_probs(q: &Tensor, k: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let logits = q.detach().matmul(&k.detach().t()?)?;
-    let y = softmax_with_bias(&logits, &bias.detach())?.contiguous()?;
-    drop(logits);
+    let y = match attention_probs_cpu(q, k, bias)? {
+        Some(y) => y,
+        None => {
+            let logits = q.detach().matmul(&k.detach().t()?)?;
+            softmax_with_bias(&logits, &bias.detach())?.contiguous()?
+        }
+    };
     if !q.track_op() && !k.track_op() && !bias.track_op() {
         return Ok(y);
     }
     q.apply_op3(k, bias, AttnProbs { y: Carried::new(y) })
+}
+
+/// Window attention `softmax(q·kᵀ + bias)·v`: q, k, v `[Bw,h,n,hd]` (q already scaled), bias
+/// `[G,h,n,n]` tiled as in [`attention_probs`] → `[Bw,h,n,hd]`. Without autograd on CPU
+/// (f32/f64, inference) it is one fused pass that never holds the `n×n` probabilities.
+pub fn window_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op() || bias.track_op();
+    let cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == q.dtype();
+    let fusable = cpu(q) && cpu(k) && cpu(v) && cpu(bias) && v.dims() == q.dims();
+    if tracked || !fusable || !matches!(q.dtype(), DType::F32 | DType::F64) {
+        return attention_probs(q, k, bias)?.matmul(v);
+    }
+    let (bw, h, n, hd) = q.dims4()?;
+    attention_fits(q, k, bias)?;
+    let flat = |t: &Tensor| t.flatten_all();
+    let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+    let bias = bias.contiguous()?;
+    let (bs, bl) = bias.storage_and_layout();
+    let Some((ba, bb)) = bl.contiguous_offsets() else {
+        candle_core::bail!("window_attention: bias must be contiguous")
+    };
+    let dev = candle_core::Device::Cpu;
+    use candle_core::Storage::Cpu;
+    let y = match &*bs {
+        Cpu(CpuStorage::F32(b)) => {
+            let (q, k, v) = (
+                q.to_vec1::<f32>()?,
+                k.to_vec1::<f32>()?,
+                v.to_vec1::<f32>()?,
+            );
+            Tensor::from_vec(
+                softmax_cpu::attention(&q, &k, &v, &b[ba..bb], n, hd),
+                (bw, h, n, hd),
+                &dev,
+            )?
+        }
+        Cpu(CpuStorage::F64(b)) => {
+            let (q, k, v) = (
+                q.to_vec1::<f64>()?,
+                k.to_vec1::<f64>()?,
+                v.to_vec1::<f64>()?,
+            );
+            Tensor::from_vec(
+                softmax_cpu::attention(&q, &k, &v, &b[ba..bb], n, hd),
+                (bw, h, n, hd),
+                &dev,
+            )?
+        }
+        _ => candle_core::bail!("window_attention: f32/f64 CPU tensors of one dtype"),
+    };
+    Ok(y)
+}
+
+/// Checks the shapes of an attention: q, k `[Bw,h,n,hd]`, bias `[…, n]` tiling `[Bw,h,n,n]`.
+fn attention_fits(q: &Tensor, k: &Tensor, bias: &Tensor) -> Result<()> {
+    let (bw, h, n, _) = q.dims4()?;
+    let per = bias.elem_count();
+    let tiles = per != 0 && per % (n * n) == 0 && (bw * h * n * n) % per == 0;
+    if k.dims() != q.dims() || bias.dims().last() != Some(&n) || !tiles {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and bias {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            bias.dims()
+        );
+    }
+    Ok(())
+}
+
+/// The fused CPU [`attention_probs`] forward, or `None` where it does not apply (other devices
+/// or dtypes).
+fn attention_probs_cpu(q: &Tensor, k: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    let cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == q.dtype();
+    if !(cpu(q) && cpu(k) && cpu(bias)) || !matches!(q.dtype(), DType::F32 | DType::F64) {
+        return Ok(None);
+    }
+    let (bw, h, n, hd) = q.dims4()?;
+    attention_fits(q, k, bias)?;
+    let (q, k, bias) = (q.contiguous()?, k.contiguous()?, bias.contiguous()?);
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let (Some((qa, qb)), Some((ka, kb)), Some((ba, bb))) = (
+        ql.contiguous_offsets(),
+        kl.contiguous_offsets(),
+        bl.contiguous_offsets(),
+    ) else {
+        candle_core::bail!("attention_probs: inputs must be contiguous")
+    };
+    use candle_core::Storage::Cpu;
+    let y = match (&*qs, &*ks, &*bs) {
+        (Cpu(CpuStorage::F32(q)), Cpu(CpuStorage::F32(k)), Cpu(CpuStorage::F32(b))) => {
+            let y = softmax_cpu::attention_probs(&q[qa..qb], &k[ka..kb], &b[ba..bb], n, hd);
+            Tensor::from_vec(y, (bw, h, n, n), &candle_core::Device::Cpu)?
+        }
+        (Cpu(CpuStorage::F64(q)), Cpu(CpuStorage::F64(k)), Cpu(CpuStorage::F64(b))) => {
+            let y = softmax_cpu::attention_probs(&q[qa..qb], &k[ka..kb], &b[ba..bb], n, hd);
+            Tensor::from_vec(y, (bw, h, n, n), &candle_core::Device::Cpu)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(y))
 }
 
 /// Carrier of [`attention_probs`]' result, with its backward.
@@ -597,41 +704,6 @@ impl candle_core::CustomOp3 for AttnProbs {
 /// `dbias = Σ_tiles dz`.
 struct SoftmaxBias;
 
-fn softmax_bias_rows<T>(x: &[T], bias: &[T], n: usize) -> Vec<T>
-where
-    T: candle_core::WithDType + num_traits::Float,
-{
-    use rayon::prelude::*;
-    let mut out = vec![T::zero(); x.len()];
-    let per = bias.len();
-    // Chunks of whole bias tiles' rows keep the rayon tasks coarse.
-    let rows_per_task = (4096 / n).max(1);
-    out.par_chunks_mut(n * rows_per_task)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            for (j, row) in chunk.chunks_mut(n).enumerate() {
-                let start = (t * rows_per_task + j) * n;
-                let (xs, bs) = (&x[start..start + n], &bias[start % per..start % per + n]);
-                let mut m = T::neg_infinity();
-                for k in 0..n {
-                    let v = xs[k] + bs[k];
-                    row[k] = v;
-                    m = num_traits::Float::max(m, v);
-                }
-                let mut sum = T::zero();
-                for v in row.iter_mut() {
-                    *v = (*v - m).exp();
-                    sum = sum + *v;
-                }
-                let inv = T::one() / sum;
-                for v in row.iter_mut() {
-                    *v = *v * inv;
-                }
-            }
-        });
-    out
-}
-
 impl candle_core::CustomOp2 for SoftmaxBias {
     fn name(&self) -> &'static str {
         "softmax-bias"
@@ -651,10 +723,10 @@ impl candle_core::CustomOp2 for SoftmaxBias {
         };
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(bias)) => {
-                CpuStorage::F32(softmax_bias_rows(&x[a..b], &bias[c..d], n))
+                CpuStorage::F32(softmax_cpu::softmax_bias(&x[a..b], &bias[c..d], n))
             }
             (CpuStorage::F64(x), CpuStorage::F64(bias)) => {
-                CpuStorage::F64(softmax_bias_rows(&x[a..b], &bias[c..d], n))
+                CpuStorage::F64(softmax_cpu::softmax_bias(&x[a..b], &bias[c..d], n))
             }
             _ => candle_core::bail!("softmax-bias: f32/f64 only, same dtype"),
         };
@@ -701,14 +773,14 @@ fn softmax_bias_grad(y: &Tensor, g: &Tensor, bias: &Tensor) -> Result<(Tensor, T
     use candle_core::Storage::Cpu;
     match (&*ys, &*gs) {
         (Cpu(CpuStorage::F32(y)), Cpu(CpuStorage::F32(g))) => {
-            let (dz, db) = softmax_bias_grad_rows(&y[ya..yb], &g[ga..gb], per, n);
+            let (dz, db) = softmax_cpu::softmax_bias_grad(&y[ya..yb], &g[ga..gb], per, n);
             Ok((
                 Tensor::from_vec(dz, yl.shape(), &dev)?,
                 Tensor::from_vec(db, bias.shape(), &dev)?,
             ))
         }
         (Cpu(CpuStorage::F64(y)), Cpu(CpuStorage::F64(g))) => {
-            let (dz, db) = softmax_bias_grad_rows(&y[ya..yb], &g[ga..gb], per, n);
+            let (dz, db) = softmax_cpu::softmax_bias_grad(&y[ya..yb], &g[ga..gb], per, n);
             Ok((
                 Tensor::from_vec(dz, yl.shape(), &dev)?,
                 Tensor::from_vec(db, bias.shape(), &dev)?,
@@ -718,66 +790,8 @@ fn softmax_bias_grad(y: &Tensor, g: &Tensor, bias: &Tensor) -> Result<(Tensor, T
     }
 }
 
-fn softmax_bias_grad_rows<T>(y: &[T], g: &[T], per: usize, n: usize) -> (Vec<T>, Vec<T>)
-where
-    T: candle_core::WithDType + num_traits::Float,
-{
-    use rayon::prelude::*;
-    let tiles = y.len() / per;
-    let mut dz = vec![T::zero(); y.len()];
-    let mut db = vec![T::zero(); per];
-    let dzp = SyncPtr(dz.as_mut_ptr());
-    db.par_chunks_mut(n)
-        .with_min_len(8)
-        .enumerate()
-        .for_each(|(r, dbrow)| {
-            let dzp = dzp;
-            for t in 0..tiles {
-                let start = t * per + r * n;
-                let (yr, gr) = (&y[start..start + n], &g[start..start + n]);
-                let dot = yr
-                    .iter()
-                    .zip(gr)
-                    .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                // SAFETY: row `start..start+n` of dz belongs to this task alone (one bias row r
-                // per task, one tile t per iteration).
-                let out = unsafe { std::slice::from_raw_parts_mut(dzp.0.add(start), n) };
-                for k in 0..n {
-                    let v = yr[k] * (gr[k] - dot);
-                    out[k] = v;
-                    dbrow[k] = dbrow[k] + v;
-                }
-            }
-        });
-    (dz, db)
-}
-
 /// Fused CPU softmax over the last dim; backward `dx = y·(g − Σ g·y)`.
 struct SoftmaxLast;
-
-fn softmax_rows<T>(src: &[T], n: usize) -> Vec<T>
-where
-    T: candle_core::WithDType + num_traits::Float,
-{
-    use rayon::prelude::*;
-    let mut out = src.to_vec();
-    out.par_chunks_mut(n).for_each(|row| {
-        let m = row
-            .iter()
-            .copied()
-            .fold(T::neg_infinity(), num_traits::Float::max);
-        let mut sum = T::zero();
-        for v in row.iter_mut() {
-            *v = (*v - m).exp();
-            sum = sum + *v;
-        }
-        let inv = T::one() / sum;
-        for v in row.iter_mut() {
-            *v = *v * inv;
-        }
-    });
-    out
-}
 
 impl candle_core::CustomOp1 for SoftmaxLast {
     fn name(&self) -> &'static str {
@@ -790,8 +804,8 @@ impl candle_core::CustomOp1 for SoftmaxLast {
             candle_core::bail!("softmax-last: input must be contiguous")
         };
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(softmax_rows(&v[a..b], n)),
-            CpuStorage::F64(v) => CpuStorage::F64(softmax_rows(&v[a..b], n)),
+            CpuStorage::F32(v) => CpuStorage::F32(softmax_cpu::softmax(&v[a..b], n)),
+            CpuStorage::F64(v) => CpuStorage::F64(softmax_cpu::softmax(&v[a..b], n)),
             _ => candle_core::bail!("softmax-last: f32/f64 only"),
         };
         Ok((out, l.shape().clone()))
@@ -1176,6 +1190,23 @@ mod tests {
             &|t| softmax_with_bias(&t[0], &t[1]).unwrap(),
             1e-6,
         );
+    }
+
+    #[test]
+    fn fused_window_attention_matches_probabilities_times_values() {
+        // n = 19, hd = 3, Bw = 4, h = 2, bias tiled twice; f64 against the autograd path
+        let (q, k, v) = (
+            randn(&[4, 2, 19, 3], 24),
+            randn(&[4, 2, 19, 3], 25),
+            randn(&[4, 2, 19, 3], 26),
+        );
+        let b = randn(&[2, 2, 19, 19], 27);
+        let want = flat(&attention_probs(&q, &k, &b).unwrap().matmul(&v).unwrap());
+        assert!(max_diff(&flat(&window_attention(&q, &k, &v, &b).unwrap()), &want) < 1e-14);
+        // f32 fused against the f64 reference
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let got = window_attention(&f32s(&q), &f32s(&k), &f32s(&v), &f32s(&b)).unwrap();
+        assert!(max_diff(&flat(&got.to_dtype(DType::F64).unwrap()), &want) < 1e-6);
     }
 
     #[test]

@@ -426,10 +426,8 @@ impl WindowAttention {
         };
         // softmax(q·kᵀ + bias): [Bw,h,n,hd] × [Bw,h,hd,n] -> [Bw,h,n,n], the bias tiled over the
         // leading B (and window) dims
-        let attn = ops::attention_probs(&q, &k, &bias)?;
-        // [Bw,h,n,n] × [Bw,h,n,hd] -> [Bw,h,n,hd] -> [Bw,n,h,hd] -> [Bw,n,C]
-        let y = attn
-            .matmul(&v)?
+        // (× v: [Bw,h,n,n] × [Bw,h,n,hd] -> [Bw,h,n,hd]) -> [Bw,n,h,hd] -> [Bw,n,C]
+        let y = ops::window_attention(&q, &k, &v, &bias)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((bw, n, c))?;
