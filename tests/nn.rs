@@ -111,6 +111,33 @@ fn r3_parity_f12_64_logits_and_all_parameters_get_gradients() {
     assert_eq!(model.named_parameters().len(), 151); // MONAI's f12 state_dict minus 8 buffers
 }
 
+/// The frozen copy used for validation: MONAI's logits without autograd (through the fused
+/// attention), and optimiser steps taken after it was made show through.
+#[test]
+fn r3_frozen_copy_gives_monai_logits_and_follows_parameter_updates() {
+    let c = cases();
+    let cfg = cfg(Downsample::Merging, false);
+    let (model, varmap) =
+        SwinUnetr::load_trainable(dir().join("swinunetr_f12.pt"), &cfg, &Device::Cpu).unwrap();
+    let frozen = model.frozen().unwrap();
+    let before = frozen.forward(&c["input_64"]).unwrap();
+    assert!(!before.track_op(), "the frozen copy built a graph");
+    let diff = max_abs_diff(&before, &c["logits_merging_64"]);
+    println!("frozen f12 64³: max |logit diff| = {diff:e}");
+    assert!(diff < 1e-4, "max |logit diff| {diff} ≥ 1e-4");
+    // out-conv bias += 1 on the live Var: every logit of the frozen copy moves by 1
+    let data = varmap.data().lock().unwrap();
+    let bias = &data["out.conv.conv.bias"];
+    bias.set(&(bias.as_tensor() + 1.0).unwrap()).unwrap();
+    drop(data);
+    let after = frozen.forward(&c["input_64"]).unwrap();
+    let shift = max_abs_diff(
+        &((&after - &before).unwrap() - 1.0).unwrap(),
+        &after.zeros_like().unwrap(),
+    );
+    assert!(shift < 1e-5, "logits moved by 1 ± {shift}");
+}
+
 /// One DiceCE backward at 64³ in f64 gives MONAI's (f64) loss and gradients of the patch
 /// embedding, a qkv, two relative-position tables, LayerNorms, convs and the output conv.
 /// (In f32 both torch and candle are ~2e-3 away from the f64 gradients, so the comparison is made

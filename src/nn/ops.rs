@@ -383,6 +383,11 @@ impl candle_core::CustomOp1 for InstanceNorm {
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if g.device().is_cpu() && g.dtype() == x.dtype() {
+            let (x, y, g) = (x.detach(), y.detach(), g.detach().contiguous()?);
+            let op = InstanceNormGrad { row: self.row };
+            return Ok(Some(x.apply_op3(&y, &g, op)?));
+        }
         let rows = x.elem_count() / self.row;
         let (orig, shape) = (x.shape().clone(), (rows, self.row));
         let (x, y, g) = (x.reshape(shape)?, y.reshape(shape)?, g.reshape(shape)?);
@@ -393,6 +398,73 @@ impl candle_core::CustomOp1 for InstanceNorm {
         let mgy = (&g * &y)?.mean_keepdim(1)?;
         let dx = (g.broadcast_sub(&mg)? - y.broadcast_mul(&mgy)?)?.broadcast_mul(&inv)?;
         Ok(Some(dx.reshape(orig)?))
+    }
+}
+
+/// [`InstanceNorm`]'s backward on CPU in one parallel pass per row: (x, y, g) → dx.
+struct InstanceNormGrad {
+    row: usize,
+}
+
+fn instance_norm_grad_rows<T>(x: &[T], y: &[T], g: &[T], n: usize) -> Vec<T>
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    use rayon::prelude::*;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n).zip(y.par_chunks(n)).zip(g.par_chunks(n)))
+        .for_each(|(o, ((xs, ys), gs))| {
+            // σ as in the forward (f64 accumulation), then mean(g) and mean(g·y)
+            let f = |v: &T| candle_core::WithDType::to_f64(*v);
+            let mean = xs.iter().map(f).sum::<f64>() / n as f64;
+            let var = xs.iter().map(|v| (f(v) - mean).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (var + NORM_EPS).sqrt();
+            let (mut sg, mut sgy) = (0f64, 0f64);
+            for (g, y) in gs.iter().zip(ys) {
+                sg += f(g);
+                sgy += f(g) * f(y);
+            }
+            let (mg, mgy) = (sg / n as f64, sgy / n as f64);
+            for ((o, g), y) in o.iter_mut().zip(gs).zip(ys) {
+                *o = <T as candle_core::WithDType>::from_f64((f(g) - mg - f(y) * mgy) * inv);
+            }
+        });
+    out
+}
+
+impl candle_core::CustomOp3 for InstanceNormGrad {
+    fn name(&self) -> &'static str {
+        "instance-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sy: &CpuStorage,
+        ly: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((xa, xb)), Some((ya, yb)), Some((ga, gb))) = (
+            lx.contiguous_offsets(),
+            ly.contiguous_offsets(),
+            lg.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("instance-norm-grad: inputs must be contiguous")
+        };
+        let n = self.row;
+        let out = match (sx, sy, sg) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(
+                instance_norm_grad_rows(&x[xa..xb], &y[ya..yb], &g[ga..gb], n),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(
+                instance_norm_grad_rows(&x[xa..xb], &y[ya..yb], &g[ga..gb], n),
+            ),
+            _ => candle_core::bail!("instance-norm-grad: f32/f64 of one dtype only"),
+        };
+        Ok((out, lx.shape().clone()))
     }
 }
 
@@ -480,10 +552,63 @@ impl candle_core::CustomOp1 for LeakyRelu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if g.device().is_cpu() && g.dtype() == x.dtype() {
+            let (x, g) = (x.detach(), g.detach().contiguous()?);
+            return Ok(Some(x.apply_op2(&g, LeakyReluGrad)?));
+        }
         // factor = 0.01 + 0.99·[x > 0]
         let pos = x.gt(0.0)?.to_dtype(g.dtype())?;
         let factor = ((pos * (1.0 - LEAKY_SLOPE))? + LEAKY_SLOPE)?;
         Ok(Some((g * factor)?))
+    }
+}
+
+/// [`LeakyRelu`]'s backward on CPU in one pass: (x, g) → `g · (x > 0 ? 1 : 0.01)`.
+struct LeakyReluGrad;
+
+fn leaky_grad_rows<T>(x: &[T], g: &[T]) -> Vec<T>
+where
+    T: candle_core::WithDType + num_traits::Float,
+{
+    use rayon::prelude::*;
+    let slope = <T as candle_core::WithDType>::from_f64(LEAKY_SLOPE);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(x.par_chunks(1 << 16).zip(g.par_chunks(1 << 16)))
+        .for_each(|(o, (xs, gs))| {
+            for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
+                *o = if v > T::zero() { g } else { g * slope };
+            }
+        });
+    out
+}
+
+impl candle_core::CustomOp2 for LeakyReluGrad {
+    fn name(&self) -> &'static str {
+        "leaky-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((xa, xb)), Some((ga, gb))) = (lx.contiguous_offsets(), lg.contiguous_offsets())
+        else {
+            candle_core::bail!("leaky-relu-grad: inputs must be contiguous")
+        };
+        let out = match (sx, sg) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(leaky_grad_rows(&x[xa..xb], &g[ga..gb]))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(leaky_grad_rows(&x[xa..xb], &g[ga..gb]))
+            }
+            _ => candle_core::bail!("leaky-relu-grad: f32/f64 of one dtype only"),
+        };
+        Ok((out, lx.shape().clone()))
     }
 }
 

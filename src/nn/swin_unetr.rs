@@ -888,6 +888,21 @@ impl SwinUnetr {
         })
     }
 
+    /// The same network without autograd, for validation and inference during training: every
+    /// parameter detached (sharing its storage, so optimiser steps taken later show through), no
+    /// checkpointing, and the attention fused into one pass that keeps no `n×n` tensor.
+    pub fn frozen(&self) -> Result<Self, Error> {
+        let tensors: std::collections::HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|(name, t)| (name.clone(), t.detach()))
+            .collect();
+        let mut cfg = self.cfg.clone();
+        cfg.use_checkpoint = false;
+        let vb = VarBuilder::from_tensors(tensors, self.out_w.dtype(), self.out_w.device());
+        Self::with_kernel(&cfg, vb, self.encoders[0].kernel.clone())
+    }
+
     /// The configuration the model was built with.
     pub fn config(&self) -> &SwinUnetrConfig {
         &self.cfg

@@ -32,6 +32,11 @@ pub trait TrainModel {
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         Ok(loss.backward()?)
     }
+    /// A copy without autograd that sees the same (later updated) parameters, for validation;
+    /// `None` where [`TrainModel::forward`] plus a detach is as good.
+    fn frozen(&self) -> Result<Option<Box<dyn TrainModel>>> {
+        Ok(None)
+    }
 }
 
 /// The variables of a `VarMap`, sorted by name.

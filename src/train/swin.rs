@@ -45,6 +45,10 @@ impl TrainModel for SwinModel {
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         self.net.backward(loss).map_err(nn_err)
     }
+    fn frozen(&self) -> Result<Option<Box<dyn TrainModel>>> {
+        let net = self.net.frozen().map_err(nn_err)?;
+        Ok(Some(Box::new(Frozen(net))))
+    }
 }
 
 /// An inference-only SwinUNETR loaded from disk.

@@ -339,6 +339,9 @@ pub fn validate(
     cfg: &TrainConfig,
     device: &Device,
 ) -> Result<Vec<Vec<f64>>> {
+    // No autograd graph per window (and the fused attention): a frozen copy where the model has one.
+    let frozen = model.frozen()?;
+    let model = frozen.as_deref().unwrap_or(model);
     val.iter()
         .map(|case| {
             let pred = predict_labels(
