@@ -33,6 +33,7 @@
 //! - Checkpoints from MONAI ≤ 1.4 need `cfg.downsample = Downsample::Legacy`.
 //! - A `SwinUnetr` is cheap to clone (tensors are shared).
 
+pub mod attention;
 pub mod checkpoint;
 pub mod conv_cpu;
 pub mod ops;

@@ -1,5 +1,5 @@
-//! CPU kernels of the attention softmax: a vectorisable `exp`, the softmax of one row, and the
-//! fused window attention `softmax(q·kᵀ + bias)` that never materialises the logits.
+//! Vectorised CPU softmax kernels: a branch-free `exp`, the softmax of one row, softmax with a
+//! tiled bias and its backward (the window attention itself is [`super::attention`]).
 //!
 //! Why: with the scalar loops (libm `expf` per element, NaN-aware `max`, serial sums) the
 //! softmax was 40% of a SwinUNETR forward (f24, 64³). Here every loop is written so that LLVM
@@ -67,7 +67,7 @@ const LANES: usize = 16;
 
 /// In place: `z ← softmax(z)`, written to `out` (same length).
 #[inline(always)]
-fn softmax_row_into<T: Real>(z: &mut [T], out: &mut [MaybeUninit<T>]) {
+pub(crate) fn softmax_row_into<T: Real>(z: &mut [T], out: &mut [MaybeUninit<T>]) {
     // max (exact in any order)
     let mut m = [T::neg_infinity(); LANES];
     let mut chunks = z.chunks_exact(LANES);
@@ -149,6 +149,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 /// One row of `softmax(x + b)`.
 #[inline(always)]
@@ -209,120 +210,6 @@ pub(crate) fn softmax<T: Real>(x: &[T], n: usize) -> Vec<T> {
         });
     // SAFETY: every element was written above.
     unsafe { out.set_len(x.len()) };
-    out
-}
-
-/// `m` `[rows, cols]` → `[cols, rows]`.
-#[inline(always)]
-fn transpose<T: Real>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut t = vec![T::zero(); rows * cols];
-    for (j, r) in m.chunks_exact(cols).enumerate() {
-        for (d, &v) in r.iter().enumerate() {
-            t[d * rows + j] = v;
-        }
-    }
-    t
-}
-
-/// One row of attention probabilities: `softmax(q_i·kᵀ + b_i)` with kᵀ `[hd, n]`, each logit row
-/// being hd vectorised passes over contiguous memory.
-#[inline(always)]
-fn probs_row<T: Real>(qr: &[T], kt: &[T], br: &[T], z: &mut [T], o: &mut [MaybeUninit<T>]) {
-    let n = z.len();
-    z.fill(T::zero());
-    for (d, &qd) in qr.iter().enumerate() {
-        for (z, &kv) in z.iter_mut().zip(&kt[d * n..(d + 1) * n]) {
-            *z = *z + qd * kv;
-        }
-    }
-    for (z, &b) in z.iter_mut().zip(br) {
-        *z = *z + b;
-    }
-    softmax_row_into(z, o);
-}
-
-dispatch!(attention_task<T>(q: &[T], k: &[T], b: &[T], n: usize, hd: usize, out: &mut [MaybeUninit<T>]) => {
-    let kt = transpose(k, n, hd);
-    let mut z = vec![T::zero(); n];
-    for ((qr, br), o) in q.chunks_exact(hd).zip(b.chunks_exact(n)).zip(out.chunks_exact_mut(n)) {
-        probs_row(qr, &kt, br, &mut z, o);
-    }
-});
-
-/// The window attention probabilities `softmax(q·kᵀ + bias)`, one (window, head) per task:
-/// q, k `[T·n·hd]` for T = windows·heads, bias `[per]` tiled over them (`per` a multiple of n²)
-/// → `[T·n·n]`.
-pub(crate) fn attention_probs<T: Real>(
-    q: &[T],
-    k: &[T],
-    bias: &[T],
-    n: usize,
-    hd: usize,
-) -> Vec<T> {
-    use rayon::prelude::*;
-    let (len, per) = (q.len() / hd * n, bias.len());
-    let mut out = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(n * n)
-        .enumerate()
-        .for_each(|(t, o)| {
-            let b0 = (t * n * n) % per;
-            attention_task(
-                &q[t * n * hd..(t + 1) * n * hd],
-                &k[t * n * hd..(t + 1) * n * hd],
-                &bias[b0..b0 + n * n],
-                n,
-                hd,
-                o,
-            );
-        });
-    // SAFETY: every element was written above.
-    unsafe { out.set_len(len) };
-    out
-}
-
-dispatch!(attention_out_task<T>(q: &[T], k: &[T], v: &[T], b: &[T], n: usize, hd: usize, out: &mut [T]) => {
-    let (kt, vt) = (transpose(k, n, hd), transpose(v, n, hd));
-    let mut z = vec![T::zero(); n];
-    let mut p = vec![MaybeUninit::new(T::zero()); n];
-    let rows = q.chunks_exact(hd).zip(b.chunks_exact(n));
-    for ((qr, br), or) in rows.zip(out.chunks_exact_mut(hd)) {
-        probs_row(qr, &kt, br, &mut z, &mut p);
-        // SAFETY: every probability was written (and p was initialised to begin with).
-        let p: &[T] = unsafe { std::slice::from_raw_parts(p.as_ptr() as *const T, n) };
-        for (d, o) in or.iter_mut().enumerate() {
-            *o = dot(p, &vt[d * n..(d + 1) * n]);
-        }
-    }
-});
-
-/// Window attention without autograd, `softmax(q·kᵀ + bias)·v`, one (window, head) per task and
-/// no `n×n` tensor at all: q, k, v `[T·n·hd]`, bias `[per]` tiled as in [`attention_probs`] →
-/// `[T·n·hd]`.
-pub(crate) fn attention<T: Real>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    bias: &[T],
-    n: usize,
-    hd: usize,
-) -> Vec<T> {
-    use rayon::prelude::*;
-    let per = bias.len();
-    let mut out = vec![T::zero(); q.len()];
-    out.par_chunks_mut(n * hd).enumerate().for_each(|(t, o)| {
-        let b0 = (t * n * n) % per;
-        let blk = t * n * hd..(t + 1) * n * hd;
-        attention_out_task(
-            &q[blk.clone()],
-            &k[blk.clone()],
-            &v[blk],
-            &bias[b0..b0 + n * n],
-            n,
-            hd,
-            o,
-        );
-    });
     out
 }
 
@@ -401,51 +288,5 @@ mod tests {
         assert_eq!(exp_f32(-100.0), 0.0);
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert!(exp_f32(f32::NAN).is_nan());
-    }
-
-    #[test]
-    fn f32_attention_probs_match_an_f64_reference() {
-        // n = 37 (not a multiple of the 16 lanes), hd = 8, T = 4 tasks, bias tiled twice
-        let (n, hd, tasks) = (37, 8, 4);
-        let mut s = 7u64;
-        let mut rnd = |len: usize, scale: f64| -> Vec<f64> {
-            (0..len)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
-                })
-                .collect()
-        };
-        let (q, k, b) = (
-            rnd(tasks * n * hd, 2.0),
-            rnd(tasks * n * hd, 2.0),
-            rnd(2 * n * n, 3.0),
-        );
-        let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-        let got = attention_probs(&f(&q), &f(&k), &f(&b), n, hd);
-        for t in 0..tasks {
-            for i in 0..n {
-                let z: Vec<f64> = (0..n)
-                    .map(|j| {
-                        (0..hd)
-                            .map(|d| q[(t * n + i) * hd + d] * k[(t * n + j) * hd + d])
-                            .sum::<f64>()
-                            + b[((t % 2) * n + i) * n + j]
-                    })
-                    .collect();
-                let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
-                for j in 0..n {
-                    let want = (z[j] - m).exp() / sum;
-                    let have = got[(t * n + i) * n + j] as f64;
-                    assert!(
-                        (have - want).abs() < 1e-6,
-                        "t{t} i{i} j{j}: {have} vs {want}"
-                    );
-                }
-            }
-        }
     }
 }

@@ -5,6 +5,7 @@
 //! Layout conventions: images are `[B,C,D,H,W]`; the Swin stages work channels-last
 //! `[B,D,H,W,C]`; attention windows are `[B·nW, n, C]`.
 
+use super::attention;
 use super::ops::{self, Conv3dKernel, LayerNorm};
 use super::recompute::{self, Block, RecomputedGrads};
 use super::Error;
@@ -412,22 +413,10 @@ impl WindowAttention {
             .forward(x)?
             .reshape((bw, n, 3, h, hd))?
             .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        // [Bw,h,n,hd] × [Bw,h,hd,n] -> [Bw,h,n,n]
+        // bias [h,n,n] (+ mask [nW,n,n]), added in MONAI's order (swin_unetr.py:616-626)
         let bias = self.bias(n)?;
-        // bias (+ mask) (swin_unetr.py:616-626 adds the bias, then the mask; the sum is the same
-        // up to rounding)
-        let bias = match mask {
-            // [nW,n,n] -> [nW,1,n,n] + [h,n,n] -> [nW,h,n,n]
-            Some(mask) => mask.unsqueeze(1)?.broadcast_add(&bias)?,
-            None => bias,
-        };
-        // softmax(q·kᵀ + bias): [Bw,h,n,hd] × [Bw,h,hd,n] -> [Bw,h,n,n], the bias tiled over the
-        // leading B (and window) dims
-        // (× v: [Bw,h,n,n] × [Bw,h,n,hd] -> [Bw,h,n,hd]) -> [Bw,n,h,hd] -> [Bw,n,C]
-        let y = ops::window_attention(&q, &k, &v, &bias)?
+        // softmax(q·scale·kᵀ + bias + mask)·v -> [Bw,h,n,hd] -> [Bw,n,h,hd] -> [Bw,n,C]
+        let y = attention::window_attention(&qkv, &bias, mask, (hd as f64).powf(-0.5))?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((bw, n, c))?;

@@ -1,0 +1,529 @@
+//! Swin window attention `softmax((q·scale)·kᵀ + bias + mask)·v` as one autograd op.
+//!
+//! Why one op: built from tensor ops, every `n×n` intermediate (logits, the biased and masked
+//! logits, the probabilities, their gradients) is a graph node, and Candle's backward zero-fills
+//! and adds a gradient buffer per node — at f24 64³ that is ~44 M floats per node in the first
+//! stage. Here the graph holds one node whose saved state is the probabilities; the backward
+//! computes dq, dk, dv and the bias gradient per (window, head) in one pass, and the
+//! relative-position bias gradient comes out `[h,n,n]` (summed over windows), not `[nW,h,n,n]`.
+//!
+//! On CPU (f32/f64) the kernels below run, vectorised as in [`super::softmax_cpu`]; elsewhere the
+//! same formula is composed from tensor ops.
+
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+
+use super::ops::{softmax_last, Carried};
+use super::softmax_cpu::{dispatch, dot, softmax_row_into, Real};
+use super::SyncPtr;
+
+/// Shapes of one attention call: `t = Bw·h` (window, head) tasks of `n` tokens, head dim `hd`,
+/// `nw` mask windows (1 without a mask).
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    bw: usize,
+    h: usize,
+    n: usize,
+    hd: usize,
+    nw: usize,
+}
+
+impl Dims {
+    fn tasks(&self) -> usize {
+        self.bw * self.h
+    }
+    fn qkv_part(&self) -> usize {
+        self.tasks() * self.n * self.hd
+    }
+}
+
+/// Window attention: qkv `[3,Bw,h,n,hd]` (q, k, v of MONAI's `qkv` linear, unscaled), bias
+/// `[h,n,n]`, mask `[nW,n,n]` for shifted windows (window `b` uses `mask[b % nW]`, as MONAI's
+/// `view(B // nW, nW, …)`), `scale` = hd^-½ → `[Bw,h,n,hd]`. MONAI's order of operations:
+/// `q·scale`, `q·kᵀ`, `+ bias`, `+ mask`, softmax, `·v`.
+pub fn window_attention(
+    qkv: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (three, bw, h, n, hd) = qkv.dims5()?;
+    let nw = mask.map(|m| m.dim(0)).transpose()?.unwrap_or(1);
+    let mask_ok = mask.is_none_or(|m| m.dims() == [nw, n, n] && bw % nw == 0);
+    if three != 3 || bias.dims() != [h, n, n] || !mask_ok {
+        candle_core::bail!(
+            "window_attention: qkv {:?}, bias {:?} and mask {:?} do not fit",
+            qkv.dims(),
+            bias.dims(),
+            mask.map(|m| m.dims())
+        );
+    }
+    let dims = Dims { bw, h, n, hd, nw };
+    let same = |t: &Tensor| t.device().is_cpu() && t.dtype() == qkv.dtype();
+    let cpu = same(qkv) && same(bias) && mask.is_none_or(same);
+    if !cpu || !matches!(qkv.dtype(), DType::F32 | DType::F64) {
+        return composite(qkv, bias, mask, scale, dims);
+    }
+    let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
+    let mask = mask.map(|m| m.contiguous()).transpose()?;
+    let tracked = qkv.track_op() || bias.track_op();
+    let (out, probs) = match qkv.dtype() {
+        DType::F32 => forward_t::<f32>(&qkv, &bias, mask.as_ref(), scale, dims, tracked)?,
+        _ => forward_t::<f64>(&qkv, &bias, mask.as_ref(), scale, dims, tracked)?,
+    };
+    let Some(probs) = probs else {
+        return Ok(out);
+    };
+    qkv.apply_op2(
+        &bias,
+        WindowAttention {
+            out: Carried::new(out),
+            probs,
+            scale,
+            dims,
+        },
+    )
+}
+
+/// The same formula from tensor ops (CUDA, other dtypes).
+fn composite(
+    qkv: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    d: Dims,
+) -> Result<Tensor> {
+    let q = (qkv.get(0)? * scale)?;
+    let (k, v) = (qkv.get(1)?, qkv.get(2)?);
+    let z = q.matmul(&k.t()?)?.broadcast_add(bias)?;
+    let z = match mask {
+        Some(m) => z
+            .reshape((d.bw / d.nw, d.nw, d.h, d.n, d.n))?
+            .broadcast_add(&m.unsqueeze(1)?)?
+            .reshape((d.bw, d.h, d.n, d.n))?,
+        None => z,
+    };
+    softmax_last(&z)?.matmul(&v.contiguous()?)
+}
+
+/// Borrows the contiguous CPU data of `t` as `&[T]` for the duration of `f`.
+fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else {
+        candle_core::bail!("window_attention: CPU tensors expected")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("window_attention: contiguous tensors expected")
+    };
+    Ok(f(&T::cpu_storage_as_slice(s)?[a..b]))
+}
+
+fn forward_t<T: Real>(
+    qkv: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    d: Dims,
+    keep_probs: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dev = candle_core::Device::Cpu;
+    let (out, probs) = with_slice::<T, _>(qkv, |qkv| {
+        with_slice::<T, _>(bias, |bias| match mask {
+            Some(m) => with_slice::<T, _>(m, |m| forward(qkv, bias, Some(m), scale, d, keep_probs)),
+            None => Ok(forward(qkv, bias, None, scale, d, keep_probs)),
+        })
+    })???;
+    let out = Tensor::from_vec(out, (d.bw, d.h, d.n, d.hd), &dev)?;
+    let probs = probs
+        .map(|p| Tensor::from_vec(p, (d.bw, d.h, d.n, d.n), &dev))
+        .transpose()?;
+    Ok((out, probs))
+}
+
+/// `m` `[rows, cols]` → `[cols, rows]`.
+#[inline(always)]
+fn transpose<T: Real>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut t = vec![T::zero(); rows * cols];
+    for (j, r) in m.chunks_exact(cols).enumerate() {
+        for (c, &v) in r.iter().enumerate() {
+            t[c * rows + j] = v;
+        }
+    }
+    t
+}
+
+/// `y += a·x`.
+#[inline(always)]
+fn axpy<T: Real>(y: &mut [T], a: T, x: &[T]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = *y + a * x;
+    }
+}
+
+dispatch!(forward_task<T>(q: &[T], k: &[T], v: &[T], bias: &[T], mask: Option<&[T]>, scale: T,
+                          out: &mut [T], probs: Option<&mut [MaybeUninit<T>]>) => {
+    let mut probs = probs;
+    let n = bias.len().isqrt();
+    let hd = q.len() / n;
+    let (kt, vt) = (transpose(k, n, hd), transpose(v, n, hd));
+    let mut z = vec![T::zero(); n];
+    let mut p = vec![MaybeUninit::new(T::zero()); n];
+    for i in 0..n {
+        // z = (q_i·scale)·kᵀ + bias_i + mask_i
+        z.fill(T::zero());
+        for (d, &qd) in q[i * hd..(i + 1) * hd].iter().enumerate() {
+            axpy(&mut z, qd * scale, &kt[d * n..(d + 1) * n]);
+        }
+        for (z, &b) in z.iter_mut().zip(&bias[i * n..(i + 1) * n]) {
+            *z = *z + b;
+        }
+        if let Some(m) = mask {
+            for (z, &b) in z.iter_mut().zip(&m[i * n..(i + 1) * n]) {
+                *z = *z + b;
+            }
+        }
+        let row: &mut [MaybeUninit<T>] = match probs.as_deref_mut() {
+            Some(all) => &mut all[i * n..(i + 1) * n],
+            None => &mut p,
+        };
+        softmax_row_into(&mut z, row);
+        // SAFETY: softmax_row_into wrote all n probabilities.
+        let pr: &[T] = unsafe { std::slice::from_raw_parts(row.as_ptr() as *const T, n) };
+        for (d, o) in out[i * hd..(i + 1) * hd].iter_mut().enumerate() {
+            *o = dot(pr, &vt[d * n..(d + 1) * n]);
+        }
+    }
+});
+
+/// Forward on slices: qkv `[3·T·n·hd]` → (out `[T·n·hd]`, probabilities `[T·n·n]` if kept).
+fn forward<T: Real>(
+    qkv: &[T],
+    bias: &[T],
+    mask: Option<&[T]>,
+    scale: f64,
+    d: Dims,
+    keep_probs: bool,
+) -> (Vec<T>, Option<Vec<T>>) {
+    use rayon::prelude::*;
+    let (n, hd, part) = (d.n, d.hd, d.qkv_part());
+    let scale = T::from_f64(scale);
+    let mut out = vec![T::zero(); part];
+    let mut probs: Vec<T> = Vec::with_capacity(if keep_probs { d.tasks() * n * n } else { 0 });
+    let pp = SyncPtr(probs.as_mut_ptr());
+    out.par_chunks_mut(n * hd).enumerate().for_each(|(t, o)| {
+        let pp = pp;
+        let (hh, w) = (t % d.h, (t / d.h) % d.nw);
+        let blk = |i: usize| &qkv[i * part + t * n * hd..i * part + (t + 1) * n * hd];
+        // SAFETY: task t alone writes probabilities t·n²..(t+1)·n², within the capacity.
+        let probs = keep_probs.then(|| unsafe {
+            std::slice::from_raw_parts_mut((pp.0 as *mut MaybeUninit<T>).add(t * n * n), n * n)
+        });
+        let mask = mask.map(|m| &m[w * n * n..(w + 1) * n * n]);
+        let bias = &bias[hh * n * n..(hh + 1) * n * n];
+        forward_task(blk(0), blk(1), blk(2), bias, mask, scale, o, probs);
+    });
+    if !keep_probs {
+        return (out, None);
+    }
+    // SAFETY: every task wrote its n² probabilities.
+    unsafe { probs.set_len(d.tasks() * n * n) };
+    (out, Some(probs))
+}
+
+dispatch!(backward_task<T>(q: &[T], k: &[T], v: &[T], p: &[T], g: &[T], scale: T,
+                           dq: &mut [T], dk: &mut [T], dv: &mut [T], db: &mut [T]) => {
+    let n = db.len().isqrt();
+    let hd = q.len() / n;
+    let (kt, vt) = (transpose(k, n, hd), transpose(v, n, hd));
+    let (mut dkt, mut dvt) = (vec![T::zero(); hd * n], vec![T::zero(); hd * n]);
+    let mut dz = vec![T::zero(); n];
+    for i in 0..n {
+        let (pr, gr) = (&p[i * n..(i + 1) * n], &g[i * hd..(i + 1) * hd]);
+        // dv_j += p_ij·g_i; dp_i = g_i·vᵀ
+        dz.fill(T::zero());
+        for (d, &gd) in gr.iter().enumerate() {
+            axpy(&mut dvt[d * n..(d + 1) * n], gd, pr);
+            axpy(&mut dz, gd, &vt[d * n..(d + 1) * n]);
+        }
+        // softmax: dz = p·(dp − Σ dp·p)
+        let s = dot(&dz, pr);
+        for (z, &p) in dz.iter_mut().zip(pr) {
+            *z = p * (*z - s);
+        }
+        for (b, &z) in db[i * n..(i + 1) * n].iter_mut().zip(&dz) {
+            *b = *b + z;
+        }
+        // logits = (q·scale)·kᵀ: dq_i = scale·(dz_i·k), dk_j += dz_ij·(q_i·scale)
+        for d in 0..hd {
+            dq[i * hd + d] = dot(&dz, &kt[d * n..(d + 1) * n]) * scale;
+            axpy(&mut dkt[d * n..(d + 1) * n], q[i * hd + d] * scale, &dz);
+        }
+    }
+    for j in 0..n {
+        for d in 0..hd {
+            dk[j * hd + d] = dkt[d * n + j];
+            dv[j * hd + d] = dvt[d * n + j];
+        }
+    }
+});
+
+/// Window groups of the backward's bias-gradient sum: fixed, so that the sum's order (groups in
+/// order, windows in order inside each) does not depend on the thread count.
+const BIAS_GROUPS: usize = 8;
+
+/// Backward on slices: (qkv, probabilities, output gradient) → (dqkv `[3·T·n·hd]`, dbias
+/// `[h·n·n]`). Tasks are (head, window group); each writes its windows' dq, dk, dv and sums its
+/// windows' bias gradient, and the groups' sums are added in order.
+fn backward<T: Real>(qkv: &[T], p: &[T], g: &[T], scale: f64, d: Dims) -> (Vec<T>, Vec<T>) {
+    use rayon::prelude::*;
+    let (n, hd, part) = (d.n, d.hd, d.qkv_part());
+    let scale = T::from_f64(scale);
+    let mut dqkv = vec![T::zero(); 3 * part];
+    let dp = SyncPtr(dqkv.as_mut_ptr());
+    let groups = BIAS_GROUPS.min(d.bw);
+    let per_group = d.bw.div_ceil(groups);
+    let partials: Vec<Vec<T>> = (0..d.h * groups)
+        .into_par_iter()
+        .map(|task| {
+            let dp = dp;
+            let (hh, grp) = (task / groups, task % groups);
+            let mut db = vec![T::zero(); n * n];
+            for b in grp * per_group..((grp + 1) * per_group).min(d.bw) {
+                let t = b * d.h + hh;
+                let r = t * n * hd..(t + 1) * n * hd;
+                let blk = |i: usize| &qkv[i * part + r.start..i * part + r.end];
+                // SAFETY: (window b, head hh) belongs to this task alone, so its dq, dk, dv
+                // ranges are written by no other task.
+                let out = |i: usize| unsafe {
+                    std::slice::from_raw_parts_mut(dp.0.add(i * part + r.start), n * hd)
+                };
+                let pt = &p[t * n * n..(t + 1) * n * n];
+                let gt = &g[r.clone()];
+                backward_task(
+                    blk(0),
+                    blk(1),
+                    blk(2),
+                    pt,
+                    gt,
+                    scale,
+                    out(0),
+                    out(1),
+                    out(2),
+                    &mut db,
+                );
+            }
+            db
+        })
+        .collect();
+    let mut dbias = vec![T::zero(); d.h * n * n];
+    for (task, part) in partials.into_iter().enumerate() {
+        let hh = task / groups;
+        for (o, v) in dbias[hh * n * n..(hh + 1) * n * n].iter_mut().zip(part) {
+            *o = *o + v;
+        }
+    }
+    (dqkv, dbias)
+}
+
+/// The autograd node: carries the forward's output and keeps the probabilities for backward.
+struct WindowAttention {
+    out: Carried,
+    probs: Tensor,
+    scale: f64,
+    dims: Dims,
+}
+
+impl candle_core::CustomOp2 for WindowAttention {
+    fn name(&self) -> &'static str {
+        "window-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.detach().contiguous()?;
+        let (d, scale) = (self.dims, self.scale);
+        let dev = candle_core::Device::Cpu;
+        fn run<T: Real>(
+            qkv: &Tensor,
+            p: &Tensor,
+            g: &Tensor,
+            scale: f64,
+            d: Dims,
+        ) -> Result<(Vec<T>, Vec<T>)> {
+            with_slice::<T, _>(qkv, |qkv| {
+                with_slice::<T, _>(p, |p| {
+                    with_slice::<T, _>(g, |g| backward(qkv, p, g, scale, d))
+                })
+            })??
+        }
+        let (dqkv, dbias) = match qkv.dtype() {
+            DType::F32 => {
+                let (a, b) = run::<f32>(qkv, &self.probs, &g, scale, d)?;
+                (
+                    Tensor::from_vec(a, qkv.shape(), &dev)?,
+                    Tensor::from_vec(b, bias.shape(), &dev)?,
+                )
+            }
+            _ => {
+                let (a, b) = run::<f64>(qkv, &self.probs, &g, scale, d)?;
+                (
+                    Tensor::from_vec(a, qkv.shape(), &dev)?,
+                    Tensor::from_vec(b, bias.shape(), &dev)?,
+                )
+            }
+        };
+        Ok((Some(dqkv), Some(dbias)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rnd(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+        let len: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f64> = (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Bw = 4 windows of n = 19 tokens (not a multiple of the 16 lanes), h = 2, hd = 3, with a
+    /// mask of nW = 2 windows holding MONAI's −100.
+    fn inputs() -> (Tensor, Tensor, Tensor) {
+        let qkv = rnd(&[3, 4, 2, 19, 3], 1, 2.0);
+        let bias = rnd(&[2, 19, 19], 2, 1.0);
+        let m = rnd(&[2, 19, 19], 3, 1.0);
+        let mask = m
+            .ge(0.3)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .affine(-100.0, 0.0)
+            .unwrap();
+        (qkv, bias, mask)
+    }
+
+    #[test]
+    fn fused_forward_and_gradients_match_the_tensor_op_composite() {
+        let (qkv, bias, mask) = inputs();
+        let d = Dims {
+            bw: 4,
+            h: 2,
+            n: 19,
+            hd: 3,
+            nw: 2,
+        };
+        let scale = 3f64.powf(-0.5);
+        for mask in [None, Some(&mask)] {
+            let want = composite(
+                &qkv,
+                &bias,
+                mask,
+                scale,
+                Dims {
+                    nw: if mask.is_some() { 2 } else { 1 },
+                    ..d
+                },
+            )
+            .unwrap();
+            // no autograd
+            let got = window_attention(&qkv, &bias, mask, scale).unwrap();
+            assert!(max_diff(&got, &want) < 1e-14);
+            // with autograd: the same output, and the composite's gradients
+            let (vq, vb) = (
+                Var::from_tensor(&qkv).unwrap(),
+                Var::from_tensor(&bias).unwrap(),
+            );
+            let w = rnd(&[4, 2, 19, 3], 4, 1.0);
+            let loss = |y: Tensor| (y * &w).unwrap().sum_all().unwrap();
+            let y = window_attention(vq.as_tensor(), vb.as_tensor(), mask, scale).unwrap();
+            assert!(max_diff(&y, &want) < 1e-14);
+            let g = loss(y).backward().unwrap();
+            let c = composite(
+                vq.as_tensor(),
+                vb.as_tensor(),
+                mask,
+                scale,
+                Dims {
+                    nw: if mask.is_some() { 2 } else { 1 },
+                    ..d
+                },
+            )
+            .unwrap();
+            let gc = loss(c).backward().unwrap();
+            for v in [&vq, &vb] {
+                let (a, b) = (
+                    g.get(v.as_tensor()).unwrap(),
+                    gc.get(v.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_diff(a, b) < 1e-13,
+                    "gradient differs by {}",
+                    max_diff(a, b)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f32_attention_matches_f64() {
+        let (qkv, bias, mask) = inputs();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let want = window_attention(&qkv, &bias, Some(&mask), 0.5).unwrap();
+        let got = window_attention(&f(&qkv), &f(&bias), Some(&f(&mask)), 0.5).unwrap();
+        assert!(max_diff(&got.to_dtype(DType::F64).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_refused() {
+        let (qkv, bias, mask) = inputs();
+        let err =
+            window_attention(&qkv, &bias.narrow(0, 0, 1).unwrap(), Some(&mask), 0.5).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+        let err = window_attention(
+            &qkv,
+            &bias,
+            Some(&mask.narrow(0, 0, 1).unwrap().repeat((3, 1, 1)).unwrap()),
+            0.5,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+    }
+}
