@@ -628,120 +628,6 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `softmax(x + bias)` over the last dim, where `bias` is repeated over the leading dims of `x`
-/// (its element count must divide x's): the attention-bias add and softmax in one pass on CPU,
-/// with backward to both. x `[R·G, …, n]`, bias `[G, …, n]`.
-pub fn softmax_with_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (nx, nb) = (x.elem_count(), bias.elem_count());
-    if nb == 0 || nx % nb != 0 || x.dims().last() != bias.dims().last() {
-        candle_core::bail!(
-            "softmax_with_bias: bias {:?} does not tile x {:?}",
-            bias.dims(),
-            x.dims()
-        );
-    }
-    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    if cpu && x.dtype() == bias.dtype() {
-        x.contiguous()?.apply_op2(&bias.contiguous()?, SoftmaxBias)
-    } else {
-        // [R·G…, n] -> [R, G…, n] + [1, G…, n]
-        let mut dims = vec![nx / nb];
-        dims.extend_from_slice(bias.dims());
-        let z = x.reshape(dims)?.broadcast_add(&bias.unsqueeze(0)?)?;
-        candle_nn::ops::softmax(&z, D::Minus1)?.reshape(x.shape())
-    }
-}
-
-/// Fused CPU `softmax(x + tiled bias)`; backward `dz = y·(g − Σ g·y)`, `dx = dz`,
-/// `dbias = Σ_tiles dz`.
-struct SoftmaxBias;
-
-impl candle_core::CustomOp2 for SoftmaxBias {
-    fn name(&self) -> &'static str {
-        "softmax-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let n = l1.dims().last().copied().unwrap_or(1);
-        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("softmax-bias: inputs must be contiguous")
-        };
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(bias)) => {
-                CpuStorage::F32(softmax_cpu::softmax_bias(&x[a..b], &bias[c..d], n))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(bias)) => {
-                CpuStorage::F64(softmax_cpu::softmax_bias(&x[a..b], &bias[c..d], n))
-            }
-            _ => candle_core::bail!("softmax-bias: f32/f64 only, same dtype"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        bias: &Tensor,
-        y: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dz, db) = softmax_bias_grad(y, g, bias)?;
-        Ok((Some(dz), Some(db)))
-    }
-}
-
-/// Backward of `y = softmax(z + tiled bias)` over the last dim: `dz = y·(g − Σ g·y)` and
-/// `dbias = Σ_tiles dz`. On CPU (f32/f64) one fused parallel pass, parallel over bias rows with
-/// the tiles summed in order (bitwise the same on any thread count); elsewhere tensor ops.
-fn softmax_bias_grad(y: &Tensor, g: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
-    let cpu = y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64);
-    if !cpu || g.dtype() != y.dtype() {
-        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-        let dz = (y * g.broadcast_sub(&dot)?)?;
-        let tiles = dz.elem_count() / bias.elem_count();
-        let db = dz
-            .reshape((tiles, bias.elem_count()))?
-            .sum(0)?
-            .reshape(bias.shape())?;
-        return Ok((dz, db));
-    }
-    let (y, g) = (y.contiguous()?, g.contiguous()?);
-    let n = y.dims().last().copied().unwrap_or(1);
-    let per = bias.elem_count();
-    let (ys, yl) = y.storage_and_layout();
-    let (gs, gl) = g.storage_and_layout();
-    let (Some((ya, yb)), Some((ga, gb))) = (yl.contiguous_offsets(), gl.contiguous_offsets())
-    else {
-        candle_core::bail!("softmax backward: inputs must be contiguous")
-    };
-    let dev = candle_core::Device::Cpu;
-    use candle_core::Storage::Cpu;
-    match (&*ys, &*gs) {
-        (Cpu(CpuStorage::F32(y)), Cpu(CpuStorage::F32(g))) => {
-            let (dz, db) = softmax_cpu::softmax_bias_grad(&y[ya..yb], &g[ga..gb], per, n);
-            Ok((
-                Tensor::from_vec(dz, yl.shape(), &dev)?,
-                Tensor::from_vec(db, bias.shape(), &dev)?,
-            ))
-        }
-        (Cpu(CpuStorage::F64(y)), Cpu(CpuStorage::F64(g))) => {
-            let (dz, db) = softmax_cpu::softmax_bias_grad(&y[ya..yb], &g[ga..gb], per, n);
-            Ok((
-                Tensor::from_vec(dz, yl.shape(), &dev)?,
-                Tensor::from_vec(db, bias.shape(), &dev)?,
-            ))
-        }
-        _ => candle_core::bail!("softmax backward: f32/f64 CPU tensors of one dtype"),
-    }
-}
-
 /// Fused CPU softmax over the last dim; backward `dx = y·(g − Σ g·y)`.
 struct SoftmaxLast;
 
@@ -1127,20 +1013,10 @@ mod tests {
     }
 
     #[test]
-    fn fused_softmaxes_match_composite_and_have_gradients() {
+    fn fused_softmax_matches_composite_and_has_gradients() {
         let x2 = randn(&[3, 7], 18);
         let want = flat(&candle_nn::ops::softmax(&x2, D::Minus1).unwrap());
         assert!(max_diff(&flat(&softmax_last(&x2).unwrap()), &want) < 1e-15);
         check_grads(&[x2], &|t| softmax_last(&t[0]).unwrap(), 1e-6);
-        // bias [2,3] tiled twice over x [2,2,3]
-        let (x3, b3) = (randn(&[2, 2, 3], 19), randn(&[2, 3], 20));
-        let z = x3.broadcast_add(&b3.unsqueeze(0).unwrap()).unwrap();
-        let want = flat(&candle_nn::ops::softmax(&z, D::Minus1).unwrap());
-        assert!(max_diff(&flat(&softmax_with_bias(&x3, &b3).unwrap()), &want) < 1e-15);
-        check_grads(
-            &[x3, b3],
-            &|t| softmax_with_bias(&t[0], &t[1]).unwrap(),
-            1e-6,
-        );
     }
 }

@@ -1,5 +1,5 @@
-//! Vectorised CPU softmax kernels: a branch-free `exp`, the softmax of one row, softmax with a
-//! tiled bias and its backward (the window attention itself is [`super::attention`]).
+//! Vectorised CPU softmax kernels: a branch-free `exp`, the softmax of one row and of many (the
+//! window attention built on them is [`super::attention`]).
 //!
 //! Why: with the scalar loops (libm `expf` per element, NaN-aware `max`, serial sums) the
 //! softmax was 40% of a SwinUNETR forward (f24, 64³). Here every loop is written so that LLVM
@@ -151,43 +151,6 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
-/// One row of `softmax(x + b)`.
-#[inline(always)]
-fn bias_row<T: Real>(x: &[T], b: &[T], z: &mut [T], out: &mut [MaybeUninit<T>]) {
-    for ((z, &x), &b) in z.iter_mut().zip(x).zip(b) {
-        *z = x + b;
-    }
-    softmax_row_into(z, out);
-}
-
-dispatch!(bias_rows<T>(x: &[T], b: &[T], n: usize, out: &mut [MaybeUninit<T>]) => {
-    let mut z = vec![T::zero(); n];
-    for ((x, b), o) in x.chunks_exact(n).zip(b.chunks_exact(n)).zip(out.chunks_exact_mut(n)) {
-        bias_row(x, b, &mut z, o);
-    }
-});
-
-/// `softmax(x + tiled bias)` over rows of `n`: x `[R·per]`, bias `[per]`, `per` a multiple of `n`.
-pub(crate) fn softmax_bias<T: Real>(x: &[T], bias: &[T], n: usize) -> Vec<T> {
-    use rayon::prelude::*;
-    let per = bias.len();
-    // Tasks of whole rows, ~4096 elements each, never straddling a bias tile.
-    let rows = (4096 / n).max(1);
-    let rows = (1..=rows).rev().find(|r| (per / n) % r == 0).unwrap_or(1);
-    let mut out = Vec::with_capacity(x.len());
-    out.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(rows * n)
-        .enumerate()
-        .for_each(|(t, o)| {
-            let start = t * rows * n;
-            let b0 = start % per;
-            bias_rows(&x[start..start + o.len()], &bias[b0..b0 + o.len()], n, o);
-        });
-    // SAFETY: every element was written above.
-    unsafe { out.set_len(x.len()) };
-    out
-}
-
 dispatch!(plain_rows<T>(x: &[T], n: usize, out: &mut [MaybeUninit<T>]) => {
     let mut z = vec![T::zero(); n];
     for (x, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
@@ -211,62 +174,6 @@ pub(crate) fn softmax<T: Real>(x: &[T], n: usize) -> Vec<T> {
     // SAFETY: every element was written above.
     unsafe { out.set_len(x.len()) };
     out
-}
-
-dispatch!(grad_rows<T>(y: &[T], g: &[T], n: usize, dz: &mut [MaybeUninit<T>], db: &mut [T]) => {
-    let rows = y.chunks_exact(n).zip(g.chunks_exact(n));
-    for ((yr, gr), (dzr, dbr)) in rows.zip(dz.chunks_exact_mut(n).zip(db.chunks_exact_mut(n))) {
-        let dot = dot(yr, gr);
-        for (((o, &y), &g), b) in dzr.iter_mut().zip(yr).zip(gr).zip(dbr.iter_mut()) {
-            let v = y * (g - dot);
-            o.write(v);
-            *b = *b + v;
-        }
-    }
-});
-
-/// Backward of `y = softmax(z + tiled bias)`: `dz = y·(g − Σ g·y)` and `dbias = Σ_tiles dz`,
-/// parallel over bias rows with the tiles summed in order (bitwise the same on any thread count).
-pub(crate) fn softmax_bias_grad<T: Real>(
-    y: &[T],
-    g: &[T],
-    per: usize,
-    n: usize,
-) -> (Vec<T>, Vec<T>) {
-    use rayon::prelude::*;
-    let tiles = y.len() / per;
-    let mut dz: Vec<T> = Vec::with_capacity(y.len());
-    let mut db = vec![T::zero(); per];
-    let dzp = super::SyncPtr(dz.as_mut_ptr());
-    // Tasks of whole rows of one bias tile; each task walks the tiles in order.
-    let rows = (4096 / n).max(1);
-    let rows = (1..=rows).rev().find(|r| (per / n) % r == 0).unwrap_or(1);
-    db.par_chunks_mut(rows * n)
-        .enumerate()
-        .for_each(|(r, dbr)| {
-            let dzp = dzp;
-            for t in 0..tiles {
-                let start = t * per + r * rows * n;
-                // SAFETY: rows `start..start+len` of dz belong to this task alone (one block of bias
-                // rows per task, one tile per iteration); the buffer has capacity for all of y.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        dzp.0.add(start) as *mut MaybeUninit<T>,
-                        dbr.len(),
-                    )
-                };
-                grad_rows(
-                    &y[start..start + dbr.len()],
-                    &g[start..start + dbr.len()],
-                    n,
-                    out,
-                    dbr,
-                );
-            }
-        });
-    // SAFETY: every element was written above.
-    unsafe { dz.set_len(y.len()) };
-    (dz, db)
 }
 
 #[cfg(test)]
