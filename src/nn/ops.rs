@@ -821,6 +821,25 @@ mod tests {
     }
 
     #[test]
+    fn conv3d_k3_in_row_tiles_matches_direct_convolution() {
+        // Ci·27·W·8 bytes = 64·27·160·8 > 1 MiB: the CPU kernel's column tile is one row, so
+        // every plane runs as several im2col + gemm tiles (f64 and f32).
+        let x = randn(&[1, 64, 2, 3, 160], 3);
+        let w = randn(&[2, 64, 3, 3, 3], 4);
+        let kernel = default_conv3d_kernel();
+        let want = naive_conv3d(&x, &w, 1);
+        assert!(max_diff(&flat(&conv3d_k3(&x, &w, &kernel).unwrap()), &want) < 1e-11);
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let y32 = conv3d_k3(&f32s(&x), &f32s(&w), &kernel).unwrap();
+        assert!(max_diff(&flat(&y32.to_dtype(DType::F64).unwrap()), &want) < 1e-4);
+        // the weight gradient in tiles against the (untiled, Candle-op) im2col kernel
+        let g = randn(&[1, 2, 2, 3, 160], 5);
+        let dw = kernel.grad_weight(&x, &g).unwrap();
+        let dw_ref = Im2colConv3d::default().grad_weight(&x, &g).unwrap();
+        assert!(max_diff(&flat(&dw), &flat(&dw_ref)) < 1e-11);
+    }
+
+    #[test]
     fn conv3d_k3_gradients_match_finite_differences() {
         let x = randn(&[2, 2, 3, 3, 4], 3);
         let w = randn(&[3, 2, 3, 3, 3], 4);
