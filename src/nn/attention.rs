@@ -452,17 +452,11 @@ mod tests {
         };
         let scale = 3f64.powf(-0.5);
         for mask in [None, Some(&mask)] {
-            let want = composite(
-                &qkv,
-                &bias,
-                mask,
-                scale,
-                Dims {
-                    nw: if mask.is_some() { 2 } else { 1 },
-                    ..d
-                },
-            )
-            .unwrap();
+            let d = Dims {
+                nw: if mask.is_some() { 2 } else { 1 },
+                ..d
+            };
+            let want = composite(&qkv, &bias, mask, scale, d).unwrap();
             // no autograd
             let got = window_attention(&qkv, &bias, mask, scale).unwrap();
             assert!(max_diff(&got, &want) < 1e-14);
@@ -476,17 +470,7 @@ mod tests {
             let y = window_attention(vq.as_tensor(), vb.as_tensor(), mask, scale).unwrap();
             assert!(max_diff(&y, &want) < 1e-14);
             let g = loss(y).backward().unwrap();
-            let c = composite(
-                vq.as_tensor(),
-                vb.as_tensor(),
-                mask,
-                scale,
-                Dims {
-                    nw: if mask.is_some() { 2 } else { 1 },
-                    ..d
-                },
-            )
-            .unwrap();
+            let c = composite(vq.as_tensor(), vb.as_tensor(), mask, scale, d).unwrap();
             let gc = loss(c).backward().unwrap();
             for v in [&vq, &vb] {
                 let (a, b) = (
