@@ -36,6 +36,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod conv_cpu;
+pub mod norm;
 pub mod ops;
 mod recompute;
 mod softmax_cpu;

@@ -1,6 +1,6 @@
 //! 3D layers that Candle 0.11 lacks, and the few element-wise layers whose Candle versions drop
 //! gradients: Conv3d (k3 s1 p1), 1×1×1 convolution, the k2 s2 patch embedding, ConvTranspose3d
-//! (k2 s2), non-affine InstanceNorm3d, LayerNorm with backward, LeakyReLU and exact GELU.
+//! (k2 s2), LeakyReLU, exact GELU and softmax (the normalisations are in [`super::norm`]).
 //!
 //! Everything here is built from Candle tensor ops (so it runs on any device and has autograd),
 //! except the 3×3×3 convolution: it is computed on detached tensors by a [`Conv3dKernel`] and
@@ -9,7 +9,7 @@
 //! backward and lets a faster kernel replace [`Im2colConv3d`] without touching the model.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Arc;
 
 use super::softmax_cpu;
@@ -321,189 +321,6 @@ pub fn conv_transpose3d_k2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         .reshape((b, co, 2 * d, 2 * h, 2 * wd))
 }
 
-/// Non-affine InstanceNorm3d (PyTorch defaults: biased variance over D,H,W per (b,c), eps 1e-5,
-/// no running stats): x `[B,C,D,H,W]`. On CPU (f32/f64) one fused op that keeps only its input
-/// and output for backward; elsewhere composed from tensor ops.
-pub fn instance_norm3d(x: &Tensor) -> Result<Tensor> {
-    let (b, c, d, h, w) = x.dims5()?;
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return x.contiguous()?.apply_op1(InstanceNorm { row: d * h * w });
-    }
-    // [B,C,D,H,W] -> [B,C,M]
-    let xf = x.reshape((b, c, d * h * w))?;
-    let mean = xf.mean_keepdim(2)?;
-    let xc = xf.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(2)?;
-    let y = xc.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
-    y.reshape((b, c, d, h, w))
-}
-
-/// Fused CPU instance norm over rows of `row` elements; backward
-/// `dx = (g − mean(g) − y·mean(g·y)) / σ`.
-struct InstanceNorm {
-    row: usize,
-}
-
-fn instance_norm_rows<T>(x: &[T], n: usize) -> Vec<T>
-where
-    T: candle_core::WithDType + num_traits::Float,
-{
-    use rayon::prelude::*;
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(n)
-        .zip(x.par_chunks(n))
-        .for_each(|(o, xs)| {
-            // f64 accumulation: the rows are long (up to 96³).
-            let f = |v: &T| candle_core::WithDType::to_f64(*v);
-            let mean = xs.iter().map(f).sum::<f64>() / n as f64;
-            let var = xs.iter().map(|v| (f(v) - mean).powi(2)).sum::<f64>() / n as f64;
-            let inv = 1.0 / (var + NORM_EPS).sqrt();
-            for (o, v) in o.iter_mut().zip(xs) {
-                *o = <T as candle_core::WithDType>::from_f64((f(v) - mean) * inv);
-            }
-        });
-    out
-}
-
-impl candle_core::CustomOp1 for InstanceNorm {
-    fn name(&self) -> &'static str {
-        "instance-norm"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("instance-norm: input must be contiguous")
-        };
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(instance_norm_rows(&v[a..b], self.row)),
-            CpuStorage::F64(v) => CpuStorage::F64(instance_norm_rows(&v[a..b], self.row)),
-            _ => candle_core::bail!("instance-norm: f32/f64 only"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        if g.device().is_cpu() && g.dtype() == x.dtype() {
-            let (x, y, g) = (x.detach(), y.detach(), g.detach().contiguous()?);
-            let op = InstanceNormGrad { row: self.row };
-            return Ok(Some(x.apply_op3(&y, &g, op)?));
-        }
-        let rows = x.elem_count() / self.row;
-        let (orig, shape) = (x.shape().clone(), (rows, self.row));
-        let (x, y, g) = (x.reshape(shape)?, y.reshape(shape)?, g.reshape(shape)?);
-        let xc = x.broadcast_sub(&x.mean_keepdim(1)?)?;
-        let inv = (xc.sqr()?.mean_keepdim(1)? + NORM_EPS)?.sqrt()?.recip()?;
-        drop(xc);
-        let mg = g.mean_keepdim(1)?;
-        let mgy = (&g * &y)?.mean_keepdim(1)?;
-        let dx = (g.broadcast_sub(&mg)? - y.broadcast_mul(&mgy)?)?.broadcast_mul(&inv)?;
-        Ok(Some(dx.reshape(orig)?))
-    }
-}
-
-/// [`InstanceNorm`]'s backward on CPU in one parallel pass per row: (x, y, g) → dx.
-struct InstanceNormGrad {
-    row: usize,
-}
-
-fn instance_norm_grad_rows<T>(x: &[T], y: &[T], g: &[T], n: usize) -> Vec<T>
-where
-    T: candle_core::WithDType + num_traits::Float,
-{
-    use rayon::prelude::*;
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(n)
-        .zip(x.par_chunks(n).zip(y.par_chunks(n)).zip(g.par_chunks(n)))
-        .for_each(|(o, ((xs, ys), gs))| {
-            // σ as in the forward (f64 accumulation), then mean(g) and mean(g·y)
-            let f = |v: &T| candle_core::WithDType::to_f64(*v);
-            let mean = xs.iter().map(f).sum::<f64>() / n as f64;
-            let var = xs.iter().map(|v| (f(v) - mean).powi(2)).sum::<f64>() / n as f64;
-            let inv = 1.0 / (var + NORM_EPS).sqrt();
-            let (mut sg, mut sgy) = (0f64, 0f64);
-            for (g, y) in gs.iter().zip(ys) {
-                sg += f(g);
-                sgy += f(g) * f(y);
-            }
-            let (mg, mgy) = (sg / n as f64, sgy / n as f64);
-            for ((o, g), y) in o.iter_mut().zip(gs).zip(ys) {
-                *o = <T as candle_core::WithDType>::from_f64((f(g) - mg - f(y) * mgy) * inv);
-            }
-        });
-    out
-}
-
-impl candle_core::CustomOp3 for InstanceNormGrad {
-    fn name(&self) -> &'static str {
-        "instance-norm-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sy: &CpuStorage,
-        ly: &Layout,
-        sg: &CpuStorage,
-        lg: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (Some((xa, xb)), Some((ya, yb)), Some((ga, gb))) = (
-            lx.contiguous_offsets(),
-            ly.contiguous_offsets(),
-            lg.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("instance-norm-grad: inputs must be contiguous")
-        };
-        let n = self.row;
-        let out = match (sx, sy, sg) {
-            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(
-                instance_norm_grad_rows(&x[xa..xb], &y[ya..yb], &g[ga..gb], n),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(
-                instance_norm_grad_rows(&x[xa..xb], &y[ya..yb], &g[ga..gb], n),
-            ),
-            _ => candle_core::bail!("instance-norm-grad: f32/f64 of one dtype only"),
-        };
-        Ok((out, lx.shape().clone()))
-    }
-}
-
-/// Layer normalisation over the last dim with optional affine parameters, built from tensor ops
-/// so that it has a backward (unlike `candle_nn::LayerNorm`'s fused fast path).
-pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let mut y = xc.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
-    if let Some(w) = weight {
-        y = y.broadcast_mul(w)?;
-    }
-    if let Some(b) = bias {
-        y = y.broadcast_add(b)?;
-    }
-    Ok(y)
-}
-
-/// Affine LayerNorm over the last dim (`torch.nn.LayerNorm(dim)`, eps 1e-5), with backward.
-#[derive(Debug, Clone)]
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    /// Wraps existing `[C]` weight and bias tensors.
-    pub fn new(weight: Tensor, bias: Tensor) -> Self {
-        Self { weight, bias }
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, Some(&self.weight), Some(&self.bias))
-    }
-}
-
 /// LeakyReLU with MONAI's slope 0.01. On CPU (f32/f64) one fused op; elsewhere
 /// `max(x, 0.01·x)`.
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
@@ -656,11 +473,11 @@ impl candle_core::CustomOp1 for SoftmaxLast {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         // Deterministic values in [-1, 1) from a small LCG (tests must not depend on a global RNG).
         let n: usize = shape.iter().product();
         let mut s = seed
@@ -737,7 +554,7 @@ mod tests {
         out
     }
 
-    fn flat(t: &Tensor) -> Vec<f64> {
+    pub(crate) fn flat(t: &Tensor) -> Vec<f64> {
         t.to_dtype(DType::F64)
             .unwrap()
             .flatten_all()
@@ -746,7 +563,7 @@ mod tests {
             .unwrap()
     }
 
-    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    pub(crate) fn max_diff(a: &[f64], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
         a.iter()
             .zip(b)
@@ -756,7 +573,7 @@ mod tests {
 
     /// Compares autograd gradients of `sum(f(inputs) * r)` with central finite differences at
     /// every coordinate of every input (f64, tiny shapes).
-    fn check_grads(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor, tol: f64) {
+    pub(crate) fn check_grads(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor, tol: f64) {
         let vars: Vec<Var> = inputs
             .iter()
             .map(|t| Var::from_tensor(t).unwrap())
@@ -966,47 +783,6 @@ mod tests {
             &[x, w],
             &|t| conv_transpose3d_k2(&t[0], &t[1]).unwrap(),
             1e-6,
-        );
-    }
-
-    #[test]
-    fn instance_norm_normalises_each_channel_and_has_gradients() {
-        let x = randn(&[2, 3, 2, 3, 2], 13);
-        let y = instance_norm3d(&x).unwrap();
-        let yv = flat(&y);
-        let xv = flat(&x);
-        for ch in 0..6 {
-            let xs = &xv[ch * 12..(ch + 1) * 12];
-            let mean = xs.iter().sum::<f64>() / 12.0;
-            let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 12.0;
-            for k in 0..12 {
-                let want = (xs[k] - mean) / (var + 1e-5).sqrt();
-                assert!((yv[ch * 12 + k] - want).abs() < 1e-12);
-            }
-        }
-        check_grads(&[x], &|t| instance_norm3d(&t[0]).unwrap(), 1e-5);
-    }
-
-    #[test]
-    fn layer_norm_matches_definition_and_has_gradients() {
-        let x = randn(&[3, 2, 5], 14);
-        let w = randn(&[5], 15);
-        let b = randn(&[5], 16);
-        let y = layer_norm(&x, Some(&w), Some(&b)).unwrap();
-        let (xv, wv, bv, yv) = (flat(&x), flat(&w), flat(&b), flat(&y));
-        for row in 0..6 {
-            let xs = &xv[row * 5..(row + 1) * 5];
-            let mean = xs.iter().sum::<f64>() / 5.0;
-            let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 5.0;
-            for k in 0..5 {
-                let want = (xs[k] - mean) / (var + 1e-5).sqrt() * wv[k] + bv[k];
-                assert!((yv[row * 5 + k] - want).abs() < 1e-12);
-            }
-        }
-        check_grads(
-            &[x, w, b],
-            &|t| layer_norm(&t[0], Some(&t[1]), Some(&t[2])).unwrap(),
-            1e-5,
         );
     }
 

@@ -6,7 +6,8 @@
 //! `[B,D,H,W,C]`; attention windows are `[B·nW, n, C]`.
 
 use super::attention;
-use super::ops::{self, Conv3dKernel, LayerNorm};
+use super::norm::{self, LayerNorm};
+use super::ops::{self, Conv3dKernel};
 use super::recompute::{self, Block, RecomputedGrads};
 use super::Error;
 use candle_core::backprop::GradStore;
@@ -680,13 +681,13 @@ impl UnetResBlock {
 impl Module for UnetResBlock {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let y = ops::conv3d_k3(x, &self.conv1, &self.kernel)?;
-        let y = ops::leaky_relu(&ops::instance_norm3d(&y)?)?;
-        let y = ops::instance_norm3d(&ops::conv3d_k3(&y, &self.conv2, &self.kernel)?)?;
-        let residual = match &self.conv3 {
-            Some(w) => ops::instance_norm3d(&ops::conv3d_1x1(x, w, None)?)?,
-            None => x.clone(),
-        };
-        ops::leaky_relu(&(y + residual)?)
+        let y = norm::instance_norm_leaky_relu(&y)?;
+        let y = ops::conv3d_k3(&y, &self.conv2, &self.kernel)?;
+        // LeakyReLU(IN(y) + IN(conv3(x))), or LeakyReLU(IN(y) + x) without conv3
+        match &self.conv3 {
+            Some(w) => norm::residual_block_tail(&y, &ops::conv3d_1x1(x, w, None)?, true),
+            None => norm::residual_block_tail(&y, x, false),
+        }
     }
 }
 
@@ -730,7 +731,7 @@ fn proj_out(x: &Tensor, normalize: bool) -> CResult<Tensor> {
         return Ok(x.clone());
     }
     // [B,C,D,H,W] -> [B,D,H,W,C] -> LN -> [B,C,D,H,W]
-    let y = ops::layer_norm(&x.permute((0, 2, 3, 4, 1))?.contiguous()?, None, None)?;
+    let y = norm::layer_norm(&x.permute((0, 2, 3, 4, 1))?.contiguous()?, None, None)?;
     y.permute((0, 4, 1, 2, 3))?.contiguous()
 }
 
