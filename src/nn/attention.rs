@@ -3,7 +3,10 @@
 //! Why one op: built from tensor ops, every `n×n` intermediate (logits, the biased and masked
 //! logits, the probabilities, their gradients) is a graph node, and Candle's backward zero-fills
 //! and adds a gradient buffer per node — at f24 64³ that is ~44 M floats per node in the first
-//! stage. Here the graph holds one node whose saved state is the probabilities; the backward
+//! stage. Here the graph holds one node and no `n×n` tensor at all: as in flash attention, the
+//! backward recomputes each row's probabilities from q, k, the bias and the mask (bit for bit
+//! those of the forward: the same code, no reductions across the row but the softmax's own)
+//! instead of keeping them (they were 0.5 GB per Swin block of the first stage at f48 96³). It
 //! computes dq, dk, dv and the bias gradient per (window, head) in one pass, and the
 //! relative-position bias gradient comes out `[h,n,n]` (summed over windows), not `[nW,h,n,n]`.
 //!
@@ -68,18 +71,18 @@ pub fn window_attention(
     let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
     let mask = mask.map(|m| m.contiguous()).transpose()?;
     let tracked = qkv.track_op() || bias.track_op();
-    let (out, probs) = match qkv.dtype() {
-        DType::F32 => forward_t::<f32>(&qkv, &bias, mask.as_ref(), scale, dims, tracked)?,
-        _ => forward_t::<f64>(&qkv, &bias, mask.as_ref(), scale, dims, tracked)?,
+    let out = match qkv.dtype() {
+        DType::F32 => forward_t::<f32>(&qkv, &bias, mask.as_ref(), scale, dims)?,
+        _ => forward_t::<f64>(&qkv, &bias, mask.as_ref(), scale, dims)?,
     };
-    let Some(probs) = probs else {
+    if !tracked {
         return Ok(out);
-    };
+    }
     qkv.apply_op2(
         &bias,
         WindowAttention {
             out: Carried::new(out),
-            probs,
+            mask,
             scale,
             dims,
         },
@@ -125,20 +128,15 @@ fn forward_t<T: Real>(
     mask: Option<&Tensor>,
     scale: f64,
     d: Dims,
-    keep_probs: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
+) -> Result<Tensor> {
     let dev = candle_core::Device::Cpu;
-    let (out, probs) = with_slice::<T, _>(qkv, |qkv| {
+    let out = with_slice::<T, _>(qkv, |qkv| {
         with_slice::<T, _>(bias, |bias| match mask {
-            Some(m) => with_slice::<T, _>(m, |m| forward(qkv, bias, Some(m), scale, d, keep_probs)),
-            None => Ok(forward(qkv, bias, None, scale, d, keep_probs)),
+            Some(m) => with_slice::<T, _>(m, |m| forward(qkv, bias, Some(m), scale, d)),
+            None => Ok(forward(qkv, bias, None, scale, d)),
         })
     })???;
-    let out = Tensor::from_vec(out, (d.bw, d.h, d.n, d.hd), &dev)?;
-    let probs = probs
-        .map(|p| Tensor::from_vec(p, (d.bw, d.h, d.n, d.n), &dev))
-        .transpose()?;
-    Ok((out, probs))
+    Tensor::from_vec(out, (d.bw, d.h, d.n, d.hd), &dev)
 }
 
 /// `m` `[rows, cols]` → `[cols, rows]`.
@@ -161,85 +159,81 @@ fn axpy<T: Real>(y: &mut [T], a: T, x: &[T]) {
     }
 }
 
+/// Row i of the probabilities, `softmax((q_i·scale)·kᵀ + bias_i + mask_i)`, into `p` (`z` is
+/// scratch). The forward and the backward both call this, so they get the same bits.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn probs_row<'p, T: Real>(
+    i: usize,
+    q: &[T],
+    kt: &[T],
+    bias: &[T],
+    mask: Option<&[T]>,
+    scale: T,
+    z: &mut [T],
+    p: &'p mut [MaybeUninit<T>],
+) -> &'p [T] {
+    let n = z.len();
+    let hd = q.len() / n;
+    z.fill(T::zero());
+    for (d, &qd) in q[i * hd..(i + 1) * hd].iter().enumerate() {
+        axpy(z, qd * scale, &kt[d * n..(d + 1) * n]);
+    }
+    for (z, &b) in z.iter_mut().zip(&bias[i * n..(i + 1) * n]) {
+        *z = *z + b;
+    }
+    if let Some(m) = mask {
+        for (z, &b) in z.iter_mut().zip(&m[i * n..(i + 1) * n]) {
+            *z = *z + b;
+        }
+    }
+    softmax_row_into(z, p);
+    // SAFETY: softmax_row_into wrote all n probabilities.
+    unsafe { std::slice::from_raw_parts(p.as_ptr() as *const T, n) }
+}
+
 dispatch!(forward_task<T>(q: &[T], k: &[T], v: &[T], bias: &[T], mask: Option<&[T]>, scale: T,
-                          out: &mut [T], probs: Option<&mut [MaybeUninit<T>]>) => {
-    let mut probs = probs;
+                          out: &mut [T]) => {
     let n = bias.len().isqrt();
     let hd = q.len() / n;
     let (kt, vt) = (transpose(k, n, hd), transpose(v, n, hd));
     let mut z = vec![T::zero(); n];
     let mut p = vec![MaybeUninit::new(T::zero()); n];
     for i in 0..n {
-        // z = (q_i·scale)·kᵀ + bias_i + mask_i
-        z.fill(T::zero());
-        for (d, &qd) in q[i * hd..(i + 1) * hd].iter().enumerate() {
-            axpy(&mut z, qd * scale, &kt[d * n..(d + 1) * n]);
-        }
-        for (z, &b) in z.iter_mut().zip(&bias[i * n..(i + 1) * n]) {
-            *z = *z + b;
-        }
-        if let Some(m) = mask {
-            for (z, &b) in z.iter_mut().zip(&m[i * n..(i + 1) * n]) {
-                *z = *z + b;
-            }
-        }
-        let row: &mut [MaybeUninit<T>] = match probs.as_deref_mut() {
-            Some(all) => &mut all[i * n..(i + 1) * n],
-            None => &mut p,
-        };
-        softmax_row_into(&mut z, row);
-        // SAFETY: softmax_row_into wrote all n probabilities.
-        let pr: &[T] = unsafe { std::slice::from_raw_parts(row.as_ptr() as *const T, n) };
+        let pr = probs_row(i, q, &kt, bias, mask, scale, &mut z, &mut p);
         for (d, o) in out[i * hd..(i + 1) * hd].iter_mut().enumerate() {
             *o = dot(pr, &vt[d * n..(d + 1) * n]);
         }
     }
 });
 
-/// Forward on slices: qkv `[3·T·n·hd]` → (out `[T·n·hd]`, probabilities `[T·n·n]` if kept).
-fn forward<T: Real>(
-    qkv: &[T],
-    bias: &[T],
-    mask: Option<&[T]>,
-    scale: f64,
-    d: Dims,
-    keep_probs: bool,
-) -> (Vec<T>, Option<Vec<T>>) {
+/// Forward on slices: qkv `[3·T·n·hd]` → out `[T·n·hd]`.
+fn forward<T: Real>(qkv: &[T], bias: &[T], mask: Option<&[T]>, scale: f64, d: Dims) -> Vec<T> {
     use rayon::prelude::*;
     let (n, hd, part) = (d.n, d.hd, d.qkv_part());
     let scale = T::from_f64(scale);
     let mut out = vec![T::zero(); part];
-    let mut probs: Vec<T> = Vec::with_capacity(if keep_probs { d.tasks() * n * n } else { 0 });
-    let pp = SyncPtr(probs.as_mut_ptr());
     out.par_chunks_mut(n * hd).enumerate().for_each(|(t, o)| {
-        let pp = pp;
         let (hh, w) = (t % d.h, (t / d.h) % d.nw);
         let blk = |i: usize| &qkv[i * part + t * n * hd..i * part + (t + 1) * n * hd];
-        // SAFETY: task t alone writes probabilities t·n²..(t+1)·n², within the capacity.
-        let probs = keep_probs.then(|| unsafe {
-            std::slice::from_raw_parts_mut((pp.0 as *mut MaybeUninit<T>).add(t * n * n), n * n)
-        });
         let mask = mask.map(|m| &m[w * n * n..(w + 1) * n * n]);
         let bias = &bias[hh * n * n..(hh + 1) * n * n];
-        forward_task(blk(0), blk(1), blk(2), bias, mask, scale, o, probs);
+        forward_task(blk(0), blk(1), blk(2), bias, mask, scale, o);
     });
-    if !keep_probs {
-        return (out, None);
-    }
-    // SAFETY: every task wrote its n² probabilities.
-    unsafe { probs.set_len(d.tasks() * n * n) };
-    (out, Some(probs))
+    out
 }
 
-dispatch!(backward_task<T>(q: &[T], k: &[T], v: &[T], p: &[T], g: &[T], scale: T,
-                           dq: &mut [T], dk: &mut [T], dv: &mut [T], db: &mut [T]) => {
+dispatch!(backward_task<T>(q: &[T], k: &[T], v: &[T], bias: &[T], mask: Option<&[T]>, g: &[T],
+                           scale: T, dq: &mut [T], dk: &mut [T], dv: &mut [T], db: &mut [T]) => {
     let n = db.len().isqrt();
     let hd = q.len() / n;
     let (kt, vt) = (transpose(k, n, hd), transpose(v, n, hd));
     let (mut dkt, mut dvt) = (vec![T::zero(); hd * n], vec![T::zero(); hd * n]);
     let mut dz = vec![T::zero(); n];
+    let (mut z, mut p) = (vec![T::zero(); n], vec![MaybeUninit::new(T::zero()); n]);
     for i in 0..n {
-        let (pr, gr) = (&p[i * n..(i + 1) * n], &g[i * hd..(i + 1) * hd]);
+        let pr = probs_row(i, q, &kt, bias, mask, scale, &mut z, &mut p);
+        let gr = &g[i * hd..(i + 1) * hd];
         // dv_j += p_ij·g_i; dp_i = g_i·vᵀ
         dz.fill(T::zero());
         for (d, &gd) in gr.iter().enumerate() {
@@ -272,10 +266,17 @@ dispatch!(backward_task<T>(q: &[T], k: &[T], v: &[T], p: &[T], g: &[T], scale: T
 /// order, windows in order inside each) does not depend on the thread count.
 const BIAS_GROUPS: usize = 8;
 
-/// Backward on slices: (qkv, probabilities, output gradient) → (dqkv `[3·T·n·hd]`, dbias
+/// Backward on slices: (qkv, bias, mask, output gradient) → (dqkv `[3·T·n·hd]`, dbias
 /// `[h·n·n]`). Tasks are (head, window group); each writes its windows' dq, dk, dv and sums its
 /// windows' bias gradient, and the groups' sums are added in order.
-fn backward<T: Real>(qkv: &[T], p: &[T], g: &[T], scale: f64, d: Dims) -> (Vec<T>, Vec<T>) {
+fn backward<T: Real>(
+    qkv: &[T],
+    bias: &[T],
+    mask: Option<&[T]>,
+    g: &[T],
+    scale: f64,
+    d: Dims,
+) -> (Vec<T>, Vec<T>) {
     use rayon::prelude::*;
     let (n, hd, part) = (d.n, d.hd, d.qkv_part());
     let scale = T::from_f64(scale);
@@ -298,13 +299,14 @@ fn backward<T: Real>(qkv: &[T], p: &[T], g: &[T], scale: f64, d: Dims) -> (Vec<T
                 let out = |i: usize| unsafe {
                     std::slice::from_raw_parts_mut(dp.0.add(i * part + r.start), n * hd)
                 };
-                let pt = &p[t * n * n..(t + 1) * n * n];
+                let mask = mask.map(|m| &m[(b % d.nw) * n * n..(b % d.nw + 1) * n * n]);
                 let gt = &g[r.clone()];
                 backward_task(
                     blk(0),
                     blk(1),
                     blk(2),
-                    pt,
+                    &bias[hh * n * n..(hh + 1) * n * n],
+                    mask,
                     gt,
                     scale,
                     out(0),
@@ -326,10 +328,10 @@ fn backward<T: Real>(qkv: &[T], p: &[T], g: &[T], scale: f64, d: Dims) -> (Vec<T
     (dqkv, dbias)
 }
 
-/// The autograd node: carries the forward's output and keeps the probabilities for backward.
+/// The autograd node: carries the forward's output; backward recomputes the probabilities.
 struct WindowAttention {
     out: Carried,
-    probs: Tensor,
+    mask: Option<Tensor>,
     scale: f64,
     dims: Dims,
 }
@@ -359,29 +361,37 @@ impl candle_core::CustomOp2 for WindowAttention {
         let g = g.detach().contiguous()?;
         let (d, scale) = (self.dims, self.scale);
         let dev = candle_core::Device::Cpu;
+        let bias = bias.contiguous()?;
         fn run<T: Real>(
             qkv: &Tensor,
-            p: &Tensor,
+            bias: &Tensor,
+            mask: Option<&Tensor>,
             g: &Tensor,
             scale: f64,
             d: Dims,
         ) -> Result<(Vec<T>, Vec<T>)> {
             with_slice::<T, _>(qkv, |qkv| {
-                with_slice::<T, _>(p, |p| {
-                    with_slice::<T, _>(g, |g| backward(qkv, p, g, scale, d))
+                with_slice::<T, _>(bias, |bias| {
+                    with_slice::<T, _>(g, |g| match mask {
+                        Some(m) => {
+                            with_slice::<T, _>(m, |m| backward(qkv, bias, Some(m), g, scale, d))
+                        }
+                        None => Ok(backward(qkv, bias, None, g, scale, d)),
+                    })
                 })
-            })??
+            })???
         }
+        let mask = self.mask.as_ref();
         let (dqkv, dbias) = match qkv.dtype() {
             DType::F32 => {
-                let (a, b) = run::<f32>(qkv, &self.probs, &g, scale, d)?;
+                let (a, b) = run::<f32>(qkv, &bias, mask, &g, scale, d)?;
                 (
                     Tensor::from_vec(a, qkv.shape(), &dev)?,
                     Tensor::from_vec(b, bias.shape(), &dev)?,
                 )
             }
             _ => {
-                let (a, b) = run::<f64>(qkv, &self.probs, &g, scale, d)?;
+                let (a, b) = run::<f64>(qkv, &bias, mask, &g, scale, d)?;
                 (
                     Tensor::from_vec(a, qkv.shape(), &dev)?,
                     Tensor::from_vec(b, bias.shape(), &dev)?,
