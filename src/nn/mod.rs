@@ -41,6 +41,7 @@ pub mod ops;
 mod recompute;
 mod softmax_cpu;
 pub mod swin_unetr;
+mod window;
 
 pub use conv_cpu::CpuConv3d;
 pub use ops::{Conv3dKernel, Im2colConv3d};

@@ -9,6 +9,7 @@ use super::attention;
 use super::norm::{self, LayerNorm};
 use super::ops::{self, Conv3dKernel};
 use super::recompute::{self, Block, RecomputedGrads};
+use super::window::WindowLayout;
 use super::Error;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
@@ -425,30 +426,6 @@ impl WindowAttention {
     }
 }
 
-/// `[B,Dp,Hp,Wp,C]` -> `[B·nW, n, C]` (swin_unetr.py:410-441): windows b-major then (d,h,w),
-/// tokens (d,h,w) inside a window.
-fn window_partition(x: &Tensor, ws: [usize; 3]) -> CResult<Tensor> {
-    let (b, d, h, w, c) = x.dims5()?;
-    let [a, e, f] = ws;
-    // [B,D,H,W,C] -> [B,D/a,a,H/e,e,W/f,f,C] -> [B,D/a,H/e,W/f,a,e,f,C] -> [B·nW, a·e·f, C]
-    x.reshape(vec![b, d / a, a, h / e, e, w / f, f, c])?
-        .permute([0usize, 1, 3, 5, 2, 4, 6, 7])?
-        .contiguous()?
-        .reshape((b * (d / a) * (h / e) * (w / f), a * e * f, c))
-}
-
-/// Inverse of [`window_partition`] (swin_unetr.py:444-473).
-fn window_reverse(x: &Tensor, ws: [usize; 3], dims: [usize; 4]) -> CResult<Tensor> {
-    let [b, d, h, w] = dims;
-    let [a, e, f] = ws;
-    let c = x.dim(2)?;
-    // [B·nW, a·e·f, C] -> [B,D/a,H/e,W/f,a,e,f,C] -> [B,D/a,a,H/e,e,W/f,f,C] -> [B,D,H,W,C]
-    x.reshape(vec![b, d / a, h / e, w / f, a, e, f, c])?
-        .permute([0usize, 1, 4, 2, 5, 3, 6, 7])?
-        .contiguous()?
-        .reshape((b, d, h, w, c))
-}
-
 /// MONAI's MLPBlock in "swin" mode: Linear(C→4C) → GELU(erf) → Linear(4C→C).
 #[derive(Debug, Clone)]
 struct Mlp {
@@ -497,35 +474,12 @@ impl SwinBlock {
         let (b, d, h, w, _) = x.dims5()?;
         let shift = if self.shifted { shift } else { [0; 3] };
         let shifted = shift.iter().any(|&s| s > 0);
-        // 1. norm, then zero-pad right/bottom/back to whole windows (swin_unetr.py:700-707).
-        let mut y = self.norm1.forward(x)?;
-        let dims = [d, h, w];
-        let mut padded = [0; 3];
-        for i in 0..3 {
-            let pad = (ws[i] - dims[i] % ws[i]) % ws[i];
-            if pad > 0 {
-                y = y.pad_with_zeros(i + 1, 0, pad)?;
-            }
-            padded[i] = dims[i] + pad;
-        }
-        // 2. cyclic shift, window attention, reverse.
-        if shifted {
-            for i in 0..3 {
-                y = y.roll(-(shift[i] as i32), i + 1)?;
-            }
-        }
-        let win = window_partition(&y, ws)?;
+        // norm, zero-pad to whole windows, cyclic shift, partition (swin_unetr.py:700-728), all
+        // but the norm as one gather; attention; and the inverse gather.
+        let layout = WindowLayout::new([b, d, h, w], ws, shift)?;
+        let win = layout.partition(&self.norm1.forward(x)?)?;
         let win = self.attn.forward(&win, if shifted { mask } else { None })?;
-        let mut y = window_reverse(&win, ws, [b, padded[0], padded[1], padded[2]])?;
-        if shifted {
-            for i in 0..3 {
-                y = y.roll(shift[i] as i32, i + 1)?;
-            }
-        }
-        // 3. crop the padding, residual, MLP residual.
-        if padded != dims {
-            y = y.narrow(1, 0, d)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
-        }
+        let y = layout.reverse(&win)?;
         let x = (x + y)?;
         &x + self.mlp.forward(&self.norm2.forward(&x)?)?
     }
