@@ -36,22 +36,61 @@ impl Dims {
     fn tasks(&self) -> usize {
         self.bw * self.h
     }
-    fn qkv_part(&self) -> usize {
-        self.tasks() * self.n * self.hd
+    /// Channels per token (`h·hd`).
+    fn c(&self) -> usize {
+        self.h * self.hd
+    }
+    /// Element offset of token i's head hh in window b, in rows of `parts·C` (`parts` = 3 for
+    /// qkv `[Bw,n,3,h,hd]`, 1 for `[Bw,n,h,hd]`), part `s`.
+    fn at(&self, parts: usize, b: usize, i: usize, s: usize, hh: usize) -> usize {
+        ((b * self.n + i) * parts + s) * self.c() + hh * self.hd
+    }
+    /// The `[n,hd]` rows of (window b, head hh, part s) copied out of `x`.
+    fn rows<T: Copy>(&self, x: &[T], parts: usize, b: usize, s: usize, hh: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.n * self.hd);
+        for i in 0..self.n {
+            let a = self.at(parts, b, i, s, hh);
+            out.extend_from_slice(&x[a..a + self.hd]);
+        }
+        out
+    }
+    /// Writes `[n,hd]` rows back where [`Dims::rows`] read them.
+    ///
+    /// # Safety
+    /// `x` must point to a live buffer of `Bw·n·parts·C` elements, and no other thread may write
+    /// (window b, head hh, part s) meanwhile.
+    unsafe fn put_rows<T: Copy>(
+        &self,
+        x: SyncPtr<T>,
+        parts: usize,
+        b: usize,
+        s: usize,
+        hh: usize,
+        v: &[T],
+    ) {
+        for i in 0..self.n {
+            let a = self.at(parts, b, i, s, hh);
+            // SAFETY: in bounds and exclusive, by the caller's contract.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v[i * self.hd..].as_ptr(), x.0.add(a), self.hd)
+            };
+        }
     }
 }
 
-/// Window attention: qkv `[3,Bw,h,n,hd]` (q, k, v of MONAI's `qkv` linear, unscaled), bias
-/// `[h,n,n]`, mask `[nW,n,n]` for shifted windows (window `b` uses `mask[b % nW]`, as MONAI's
-/// `view(B // nW, nW, …)`), `scale` = hd^-½ → `[Bw,h,n,hd]`. MONAI's order of operations:
-/// `q·scale`, `q·kᵀ`, `+ bias`, `+ mask`, softmax, `·v`.
+/// Window attention: qkv `[Bw,n,3,h,hd]` (MONAI's `qkv` linear output `[Bw,n,3C]` as it is,
+/// unscaled), bias `[h,n,n]`, mask `[nW,n,n]` for shifted windows (window `b` uses
+/// `mask[b % nW]`, as MONAI's `view(B // nW, nW, …)`), `scale` = hd^-½ → `[Bw,n,h,hd]` (the
+/// input of MONAI's `proj` once reshaped to `[Bw,n,C]`). MONAI's order of operations:
+/// `q·scale`, `q·kᵀ`, `+ bias`, `+ mask`, softmax, `·v`. Reading and writing the tokens' own
+/// layout spares the two permuted copies MONAI makes.
 pub fn window_attention(
     qkv: &Tensor,
     bias: &Tensor,
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (three, bw, h, n, hd) = qkv.dims5()?;
+    let (bw, n, three, h, hd) = qkv.dims5()?;
     let nw = mask.map(|m| m.dim(0)).transpose()?.unwrap_or(1);
     let mask_ok = mask.is_none_or(|m| m.dims() == [nw, n, n] && bw % nw == 0);
     if three != 3 || bias.dims() != [h, n, n] || !mask_ok {
@@ -97,6 +136,8 @@ fn composite(
     scale: f64,
     d: Dims,
 ) -> Result<Tensor> {
+    // [Bw,n,3,h,hd] -> [3,Bw,h,n,hd]
+    let qkv = qkv.permute((2, 0, 3, 1, 4))?;
     let q = (qkv.get(0)? * scale)?;
     let (k, v) = (qkv.get(1)?, qkv.get(2)?);
     let z = q.matmul(&k.t()?)?.broadcast_add(bias)?;
@@ -107,7 +148,11 @@ fn composite(
             .reshape((d.bw, d.h, d.n, d.n))?,
         None => z,
     };
-    softmax_last(&z)?.matmul(&v.contiguous()?)
+    // [Bw,h,n,hd] -> [Bw,n,h,hd]
+    softmax_last(&z)?
+        .matmul(&v.contiguous()?)?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// Borrows the contiguous CPU data of `t` as `&[T]` for the duration of `f`.
@@ -136,7 +181,7 @@ fn forward_t<T: Real>(
             None => Ok(forward(qkv, bias, None, scale, d)),
         })
     })???;
-    Tensor::from_vec(out, (d.bw, d.h, d.n, d.hd), &dev)
+    Tensor::from_vec(out, (d.bw, d.n, d.h, d.hd), &dev)
 }
 
 /// `m` `[rows, cols]` → `[cols, rows]`.
@@ -207,18 +252,23 @@ dispatch!(forward_task<T>(q: &[T], k: &[T], v: &[T], bias: &[T], mask: Option<&[
     }
 });
 
-/// Forward on slices: qkv `[3·T·n·hd]` → out `[T·n·hd]`.
+/// Forward on slices: qkv `[Bw,n,3,h,hd]` → out `[Bw,n,h,hd]`, one task per (window, head).
 fn forward<T: Real>(qkv: &[T], bias: &[T], mask: Option<&[T]>, scale: f64, d: Dims) -> Vec<T> {
     use rayon::prelude::*;
-    let (n, hd, part) = (d.n, d.hd, d.qkv_part());
+    let n = d.n;
     let scale = T::from_f64(scale);
-    let mut out = vec![T::zero(); part];
-    out.par_chunks_mut(n * hd).enumerate().for_each(|(t, o)| {
-        let (hh, w) = (t % d.h, (t / d.h) % d.nw);
-        let blk = |i: usize| &qkv[i * part + t * n * hd..i * part + (t + 1) * n * hd];
-        let mask = mask.map(|m| &m[w * n * n..(w + 1) * n * n]);
+    let mut out = vec![T::zero(); d.bw * n * d.c()];
+    let op = SyncPtr(out.as_mut_ptr());
+    (0..d.tasks()).into_par_iter().for_each(|t| {
+        let op = op;
+        let (b, hh) = (t / d.h, t % d.h);
+        let [q, k, v] = [0, 1, 2].map(|s| d.rows(qkv, 3, b, s, hh));
+        let mask = mask.map(|m| &m[(b % d.nw) * n * n..(b % d.nw + 1) * n * n]);
         let bias = &bias[hh * n * n..(hh + 1) * n * n];
-        forward_task(blk(0), blk(1), blk(2), bias, mask, scale, o);
+        let mut o = vec![T::zero(); n * d.hd];
+        forward_task(&q, &k, &v, bias, mask, scale, &mut o);
+        // SAFETY: task t alone writes (window b, head hh) of `out`, which outlives the loop.
+        unsafe { d.put_rows(op, 1, b, 0, hh, &o) };
     });
     out
 }
@@ -266,7 +316,7 @@ dispatch!(backward_task<T>(q: &[T], k: &[T], v: &[T], bias: &[T], mask: Option<&
 /// order, windows in order inside each) does not depend on the thread count.
 const BIAS_GROUPS: usize = 8;
 
-/// Backward on slices: (qkv, bias, mask, output gradient) → (dqkv `[3·T·n·hd]`, dbias
+/// Backward on slices: (qkv, bias, mask, output gradient) → (dqkv `[Bw,n,3,h,hd]`, dbias
 /// `[h·n·n]`). Tasks are (head, window group); each writes its windows' dq, dk, dv and sums its
 /// windows' bias gradient, and the groups' sums are added in order.
 fn backward<T: Real>(
@@ -278,9 +328,9 @@ fn backward<T: Real>(
     d: Dims,
 ) -> (Vec<T>, Vec<T>) {
     use rayon::prelude::*;
-    let (n, hd, part) = (d.n, d.hd, d.qkv_part());
+    let (n, hd) = (d.n, d.hd);
     let scale = T::from_f64(scale);
-    let mut dqkv = vec![T::zero(); 3 * part];
+    let mut dqkv = vec![T::zero(); 3 * d.bw * n * d.c()];
     let dp = SyncPtr(dqkv.as_mut_ptr());
     let groups = BIAS_GROUPS.min(d.bw);
     let per_group = d.bw.div_ceil(groups);
@@ -290,30 +340,29 @@ fn backward<T: Real>(
             let dp = dp;
             let (hh, grp) = (task / groups, task % groups);
             let mut db = vec![T::zero(); n * n];
+            let mut dqkv = [0; 3].map(|_| vec![T::zero(); n * hd]);
             for b in grp * per_group..((grp + 1) * per_group).min(d.bw) {
-                let t = b * d.h + hh;
-                let r = t * n * hd..(t + 1) * n * hd;
-                let blk = |i: usize| &qkv[i * part + r.start..i * part + r.end];
-                // SAFETY: (window b, head hh) belongs to this task alone, so its dq, dk, dv
-                // ranges are written by no other task.
-                let out = |i: usize| unsafe {
-                    std::slice::from_raw_parts_mut(dp.0.add(i * part + r.start), n * hd)
-                };
+                let [q, k, v] = [0, 1, 2].map(|s| d.rows(qkv, 3, b, s, hh));
+                let gt = d.rows(g, 1, b, 0, hh);
                 let mask = mask.map(|m| &m[(b % d.nw) * n * n..(b % d.nw + 1) * n * n]);
-                let gt = &g[r.clone()];
+                let [dq, dk, dv] = &mut dqkv;
                 backward_task(
-                    blk(0),
-                    blk(1),
-                    blk(2),
+                    &q,
+                    &k,
+                    &v,
                     &bias[hh * n * n..(hh + 1) * n * n],
                     mask,
-                    gt,
+                    &gt,
                     scale,
-                    out(0),
-                    out(1),
-                    out(2),
+                    dq,
+                    dk,
+                    dv,
                     &mut db,
                 );
+                for (s, part) in dqkv.iter().enumerate() {
+                    // SAFETY: (window b, head hh) belongs to this task alone.
+                    unsafe { d.put_rows(dp, 3, b, s, hh, part) };
+                }
             }
             db
         })
@@ -437,7 +486,7 @@ mod tests {
     /// Bw = 4 windows of n = 19 tokens (not a multiple of the 16 lanes), h = 2, hd = 3, with a
     /// mask of nW = 2 windows holding MONAI's −100.
     fn inputs() -> (Tensor, Tensor, Tensor) {
-        let qkv = rnd(&[3, 4, 2, 19, 3], 1, 2.0);
+        let qkv = rnd(&[4, 19, 3, 2, 3], 1, 2.0);
         let bias = rnd(&[2, 19, 19], 2, 1.0);
         let m = rnd(&[2, 19, 19], 3, 1.0);
         let mask = m
@@ -475,7 +524,7 @@ mod tests {
                 Var::from_tensor(&qkv).unwrap(),
                 Var::from_tensor(&bias).unwrap(),
             );
-            let w = rnd(&[4, 2, 19, 3], 4, 1.0);
+            let w = rnd(&[4, 19, 2, 3], 4, 1.0);
             let loss = |y: Tensor| (y * &w).unwrap().sum_all().unwrap();
             let y = window_attention(vq.as_tensor(), vb.as_tensor(), mask, scale).unwrap();
             assert!(max_diff(&y, &want) < 1e-14);

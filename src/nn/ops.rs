@@ -265,6 +265,72 @@ pub fn conv3d_k3(x: &Tensor, w: &Tensor, kernel: &Arc<dyn Conv3dKernel>) -> Resu
     x.apply_op2(w, op)
 }
 
+/// `x·wᵀ + b` for x `[N,in]`, w `[out,in]`, b `[out]`: one graph node instead of two (the
+/// matmul's output would be kept alive beside the sum until backward ends, though backward
+/// needs neither).
+pub fn linear_with_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let y = x
+        .detach()
+        .matmul(&w.detach().t()?)?
+        .broadcast_add(&b.detach())?
+        .contiguous()?;
+    if !x.track_op() && !w.track_op() && !b.track_op() {
+        return Ok(y);
+    }
+    x.apply_op3(w, b, LinearGrad { y: Carried::new(y) })
+}
+
+/// Custom op `(x, w, b) -> x·wᵀ + b` carrying the detached result, with the affine map's backward.
+struct LinearGrad {
+    y: Carried,
+}
+
+impl candle_core::CustomOp3 for LinearGrad {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.y.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.y.cuda()
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), g.detach());
+        let dx = g.matmul(&w)?;
+        let dw = g.t()?.matmul(&x)?;
+        let db = g.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
 /// 1×1×1 convolution: x `[B,Ci,D,H,W]`, w `[Co,Ci,1,1,1]`, optional bias `[Co]`.
 pub fn conv3d_1x1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, ci, d, h, wd) = x.dims5()?;
@@ -718,6 +784,26 @@ pub(crate) mod tests {
         check_grads(
             &[x, w, b],
             &|t| conv3d_1x1(&t[0], &t[1], Some(&t[2])).unwrap(),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn linear_with_bias_matches_definition_and_gradients() {
+        let x = randn(&[5, 3], 40);
+        let w = randn(&[4, 3], 41);
+        let b = randn(&[4], 42);
+        let y = flat(&linear_with_bias(&x, &w, &b).unwrap());
+        let (xv, wv, bv) = (flat(&x), flat(&w), flat(&b));
+        for r in 0..5 {
+            for o in 0..4 {
+                let want: f64 = bv[o] + (0..3).map(|i| xv[r * 3 + i] * wv[o * 3 + i]).sum::<f64>();
+                assert!((y[r * 4 + o] - want).abs() < 1e-12);
+            }
+        }
+        check_grads(
+            &[x, w, b],
+            &|t| linear_with_bias(&t[0], &t[1], &t[2]).unwrap(),
             1e-6,
         );
     }

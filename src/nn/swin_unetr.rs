@@ -241,10 +241,11 @@ impl Module for Linear {
         let input = *dims.last().expect("rank ≥ 1");
         let rows = x.elem_count() / input;
         // [..., in] -> [N, in] × [in, out] -> [N, out] -> [..., out]
-        let mut y = x.reshape((rows, input))?.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let x = x.reshape((rows, input))?;
+        let y = match &self.bias {
+            Some(b) => ops::linear_with_bias(&x, &self.weight, b)?,
+            None => x.matmul(&self.weight.t()?)?,
+        };
         let mut out = dims;
         *out.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
         y.reshape(out)
@@ -409,18 +410,12 @@ impl WindowAttention {
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> CResult<Tensor> {
         let (bw, n, c) = x.dims3()?;
         let (h, hd) = (self.num_heads, c / self.num_heads);
-        // [Bw,n,3C] -> [Bw,n,3,h,hd] -> [3,Bw,h,n,hd]
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((bw, n, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?;
+        // [Bw,n,3C] -> [Bw,n,3,h,hd] (a view)
+        let qkv = self.qkv.forward(x)?.reshape((bw, n, 3, h, hd))?;
         // bias [h,n,n] (+ mask [nW,n,n]), added in MONAI's order (swin_unetr.py:616-626)
         let bias = self.bias(n)?;
-        // softmax(q·scale·kᵀ + bias + mask)·v -> [Bw,h,n,hd] -> [Bw,n,h,hd] -> [Bw,n,C]
+        // softmax(q·scale·kᵀ + bias + mask)·v -> [Bw,n,h,hd] -> [Bw,n,C]
         let y = attention::window_attention(&qkv, &bias, mask, (hd as f64).powf(-0.5))?
-            .transpose(1, 2)?
-            .contiguous()?
             .reshape((bw, n, c))?;
         self.proj.forward(&y)
     }
