@@ -387,6 +387,88 @@ pub fn conv_transpose3d_k2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         .reshape((b, co, 2 * d, 2 * h, 2 * wd))
 }
 
+/// `cat([ConvTranspose3d_k2(x, w), skip], 1)`, the start of MONAI's UnetrUpBlock, as one graph
+/// node: at full resolution the separate matmul output, upsampled tensor and concatenation
+/// were three tensors of 48×96³+ floats kept until backward ends; now only the concatenation.
+/// x `[B,Ci,D,H,W]`, w `[Ci,Co,2,2,2]`, skip `[B,Cs,2D,2H,2W]` → `[B,Co+Cs,2D,2H,2W]`.
+pub fn conv_transpose3d_k2_cat(x: &Tensor, w: &Tensor, skip: &Tensor) -> Result<Tensor> {
+    let up = conv_transpose3d_k2(&x.detach(), &w.detach())?;
+    let y = Tensor::cat(&[&up, &skip.detach()], 1)?.contiguous()?;
+    drop(up);
+    if !x.track_op() && !w.track_op() && !skip.track_op() {
+        return Ok(y);
+    }
+    x.apply_op3(w, skip, UpCatGrad { y: Carried::new(y) })
+}
+
+/// Custom op `(x, w, skip) -> cat([convT(x, w), skip])` carrying the detached result.
+struct UpCatGrad {
+    y: Carried,
+}
+
+impl candle_core::CustomOp3 for UpCatGrad {
+    fn name(&self) -> &'static str {
+        "conv-transpose-cat"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.y.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.y.cuda()
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        skip: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), g.detach());
+        let (b, ci, d, h, wd) = x.dims5()?;
+        let co = w.dim(1)?;
+        let cs = skip.dim(1)?;
+        let dskip = g.narrow(1, co, cs)?.contiguous()?;
+        // [B,Co,2D,2H,2W] -> [B,Co,D,2,H,2,W,2] -> [B,Co,2,2,2,D,H,W] -> [B,Co·8,M]
+        let gu = g
+            .narrow(1, 0, co)?
+            .reshape(vec![b, co, d, 2, h, 2, wd, 2])?
+            .permute([0usize, 1, 3, 5, 7, 2, 4, 6])?
+            .contiguous()?
+            .reshape((b, co * 8, d * h * wd))?;
+        // forward: y = wmᵀ·x per batch with wm = w as [Ci,Co·8]
+        let wm = w.reshape((ci, co * 8))?;
+        let xm = x.reshape((b, ci, d * h * wd))?;
+        let dx = wm.broadcast_matmul(&gu)?.reshape((b, ci, d, h, wd))?;
+        // dwm[i,k] = Σ_b,m x[b,i,m]·gu[b,k,m]
+        let dw = xm
+            .matmul(&gu.transpose(1, 2)?)?
+            .sum(0)?
+            .reshape((ci, co, 2, 2, 2))?;
+        Ok((Some(dx), Some(dw), Some(dskip)))
+    }
+}
+
 /// LeakyReLU with MONAI's slope 0.01. On CPU (f32/f64) one fused op; elsewhere
 /// `max(x, 0.01·x)`.
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
@@ -804,6 +886,22 @@ pub(crate) mod tests {
         check_grads(
             &[x, w, b],
             &|t| linear_with_bias(&t[0], &t[1], &t[2]).unwrap(),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn conv_transpose_cat_equals_the_two_ops_and_has_gradients() {
+        let x = randn(&[2, 3, 2, 1, 2], 43);
+        let w = randn(&[3, 2, 2, 2, 2], 44);
+        let skip = randn(&[2, 2, 4, 2, 4], 45);
+        let want = Tensor::cat(&[&conv_transpose3d_k2(&x, &w).unwrap(), &skip], 1).unwrap();
+        let got = conv_transpose3d_k2_cat(&x, &w, &skip).unwrap();
+        assert_eq!(got.dims(), &[2, 4, 4, 2, 4]);
+        assert!(max_diff(&flat(&got), &flat(&want)) < 1e-15);
+        check_grads(
+            &[x, w, skip],
+            &|t| conv_transpose3d_k2_cat(&t[0], &t[1], &t[2]).unwrap(),
             1e-6,
         );
     }

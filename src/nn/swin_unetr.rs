@@ -667,10 +667,9 @@ impl UnetrUpBlock {
         skip: &Tensor,
         ckpt: Option<&RecomputedGrads>,
     ) -> CResult<Tensor> {
-        let up = ops::conv_transpose3d_k2(x, &self.transp_conv)?;
         // the upsampled tensor comes first (unetr_block.py:84)
-        self.conv_block
-            .checkpointed(&Tensor::cat(&[&up, skip], 1)?, ckpt)
+        let cat = ops::conv_transpose3d_k2_cat(x, &self.transp_conv, skip)?;
+        self.conv_block.checkpointed(&cat, ckpt)
     }
 }
 
