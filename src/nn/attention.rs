@@ -40,42 +40,6 @@ impl Dims {
     fn c(&self) -> usize {
         self.h * self.hd
     }
-    /// Element offset of token i's head hh in window b, in rows of `parts·C` (`parts` = 3 for
-    /// qkv `[Bw,n,3,h,hd]`, 1 for `[Bw,n,h,hd]`), part `s`.
-    fn at(&self, parts: usize, b: usize, i: usize, s: usize, hh: usize) -> usize {
-        ((b * self.n + i) * parts + s) * self.c() + hh * self.hd
-    }
-    /// The `[n,hd]` rows of (window b, head hh, part s) copied out of `x`.
-    fn rows<T: Copy>(&self, x: &[T], parts: usize, b: usize, s: usize, hh: usize) -> Vec<T> {
-        let mut out = Vec::with_capacity(self.n * self.hd);
-        for i in 0..self.n {
-            let a = self.at(parts, b, i, s, hh);
-            out.extend_from_slice(&x[a..a + self.hd]);
-        }
-        out
-    }
-    /// Writes `[n,hd]` rows back where [`Dims::rows`] read them.
-    ///
-    /// # Safety
-    /// `x` must point to a live buffer of `Bw·n·parts·C` elements, and no other thread may write
-    /// (window b, head hh, part s) meanwhile.
-    unsafe fn put_rows<T: Copy>(
-        &self,
-        x: SyncPtr<T>,
-        parts: usize,
-        b: usize,
-        s: usize,
-        hh: usize,
-        v: &[T],
-    ) {
-        for i in 0..self.n {
-            let a = self.at(parts, b, i, s, hh);
-            // SAFETY: in bounds and exclusive, by the caller's contract.
-            unsafe {
-                std::ptr::copy_nonoverlapping(v[i * self.hd..].as_ptr(), x.0.add(a), self.hd)
-            };
-        }
-    }
 }
 
 /// Window attention: qkv `[Bw,n,3,h,hd]` (MONAI's `qkv` linear output `[Bw,n,3C]` as it is,
@@ -184,141 +148,201 @@ fn forward_t<T: Real>(
     Tensor::from_vec(out, (d.bw, d.n, d.h, d.hd), &dev)
 }
 
-/// `m` `[rows, cols]` → `[cols, rows]`.
-#[inline(always)]
-fn transpose<T: Real>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut t = vec![T::zero(); rows * cols];
-    for (j, r) in m.chunks_exact(cols).enumerate() {
-        for (c, &v) in r.iter().enumerate() {
-            t[c * rows + j] = v;
+/// A strided matrix view: element (r, c) at `ptr + r·rs + c·cs`.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+impl<T> Mat<T> {
+    fn rows(ptr: *const T, rs: usize) -> Self {
+        Self {
+            ptr,
+            rs: rs as isize,
+            cs: 1,
         }
     }
-    t
-}
-
-/// `y += a·x`.
-#[inline(always)]
-fn axpy<T: Real>(y: &mut [T], a: T, x: &[T]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = *y + a * x;
+    /// The transpose, as a view.
+    fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
 }
 
-/// Row i of the probabilities, `softmax((q_i·scale)·kᵀ + bias_i + mask_i)`, into `p` (`z` is
-/// scratch). The forward and the backward both call this, so they get the same bits.
+/// `dst[m×n] = a[m×k]·b[k×n]` (dst rows `dst_rs` apart), single-threaded gemm.
+///
+/// # Safety
+/// Every view must address live memory for its shape, and `dst` must not be written by anyone
+/// else meanwhile.
+unsafe fn matmul<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Where one (window, head) task's q, k, v start in qkv `[Bw,n,3,h,hd]`, and its output rows in
+/// `[Bw,n,h,hd]`.
+fn task_offsets(d: Dims, b: usize, hh: usize) -> ([usize; 3], usize) {
+    let c = d.c();
+    let qkv = b * d.n * 3 * c + hh * d.hd;
+    ([qkv, qkv + c, qkv + 2 * c], b * d.n * c + hh * d.hd)
+}
+
+/// One task's probabilities `softmax((q·scale)·kᵀ + bias + mask)` into `p` `[n×n]`, and q·scale
+/// into `qs` `[n×hd]`. The forward and the backward both call this, so they get the same bits.
+///
+/// # Safety
+/// `q` and `k` must address `[n×hd]` rows `3C` apart.
 #[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn probs_row<'p, T: Real>(
-    i: usize,
-    q: &[T],
-    kt: &[T],
+unsafe fn probs<T: Real>(
+    d: Dims,
+    q: *const T,
+    k: *const T,
     bias: &[T],
     mask: Option<&[T]>,
     scale: T,
-    z: &mut [T],
-    p: &'p mut [MaybeUninit<T>],
-) -> &'p [T] {
-    let n = z.len();
-    let hd = q.len() / n;
-    z.fill(T::zero());
-    for (d, &qd) in q[i * hd..(i + 1) * hd].iter().enumerate() {
-        axpy(z, qd * scale, &kt[d * n..(d + 1) * n]);
+    qs: &mut [T],
+    p: &mut Vec<T>,
+) {
+    let (n, hd, rs) = (d.n, d.hd, 3 * d.c());
+    for i in 0..n {
+        for c in 0..hd {
+            // SAFETY: (i, c) lies inside the caller's q rows.
+            qs[i * hd + c] = unsafe { *q.add(i * rs + c) } * scale;
+        }
     }
-    for (z, &b) in z.iter_mut().zip(&bias[i * n..(i + 1) * n]) {
+    let mut z = vec![T::zero(); n * n];
+    // SAFETY: z is n×n; qs is n×hd; k addresses n rows of hd, read as kᵀ.
+    unsafe {
+        matmul(
+            n,
+            n,
+            hd,
+            z.as_mut_ptr(),
+            n,
+            Mat::rows(qs.as_ptr(), hd),
+            Mat::rows(k, rs).t(),
+        )
+    };
+    p.clear();
+    p.reserve(n * n);
+    logits_to_probs(&mut z, bias, mask, &mut p.spare_capacity_mut()[..n * n], n);
+    // SAFETY: logits_to_probs wrote all n×n probabilities.
+    unsafe { p.set_len(n * n) };
+}
+
+dispatch!(logits_to_probs<T>(z: &mut [T], bias: &[T], mask: Option<&[T]>,
+                             p: &mut [MaybeUninit<T>], n: usize) => {
+    for (z, &b) in z.iter_mut().zip(bias) {
         *z = *z + b;
     }
     if let Some(m) = mask {
-        for (z, &b) in z.iter_mut().zip(&m[i * n..(i + 1) * n]) {
+        for (z, &b) in z.iter_mut().zip(m) {
             *z = *z + b;
         }
     }
-    softmax_row_into(z, p);
-    // SAFETY: softmax_row_into wrote all n probabilities.
-    unsafe { std::slice::from_raw_parts(p.as_ptr() as *const T, n) }
-}
+    for (zr, pr) in z.chunks_exact_mut(n).zip(p.chunks_exact_mut(n)) {
+        softmax_row_into(zr, pr);
+    }
+});
 
-dispatch!(forward_task<T>(q: &[T], k: &[T], v: &[T], bias: &[T], mask: Option<&[T]>, scale: T,
-                          out: &mut [T]) => {
-    let n = bias.len().isqrt();
-    let hd = q.len() / n;
-    let (kt, vt) = (transpose(k, n, hd), transpose(v, n, hd));
-    let mut z = vec![T::zero(); n];
-    let mut p = vec![MaybeUninit::new(T::zero()); n];
-    for i in 0..n {
-        let pr = probs_row(i, q, &kt, bias, mask, scale, &mut z, &mut p);
-        for (d, o) in out[i * hd..(i + 1) * hd].iter_mut().enumerate() {
-            *o = dot(pr, &vt[d * n..(d + 1) * n]);
+dispatch!(softmax_grad<T>(dz: &mut [T], p: &[T], db: &mut [T], n: usize) => {
+    // softmax: dz = p·(dp − Σ dp·p), and the bias gradient sums dz over windows
+    for ((zr, pr), br) in dz.chunks_exact_mut(n).zip(p.chunks_exact(n)).zip(db.chunks_exact_mut(n)) {
+        let s = dot(zr, pr);
+        for ((z, &p), b) in zr.iter_mut().zip(pr).zip(br) {
+            *z = p * (*z - s);
+            *b = *b + *z;
         }
     }
 });
 
-/// Forward on slices: qkv `[Bw,n,3,h,hd]` → out `[Bw,n,h,hd]`, one task per (window, head).
+/// Forward on slices: qkv `[Bw,n,3,h,hd]` → out `[Bw,n,h,hd]`, one task per (window, head):
+/// `P = softmax(...)` then `O = P·V`, both products by gemm on strided views of the tokens.
 fn forward<T: Real>(qkv: &[T], bias: &[T], mask: Option<&[T]>, scale: f64, d: Dims) -> Vec<T> {
     use rayon::prelude::*;
-    let n = d.n;
+    let (n, hd, c) = (d.n, d.hd, d.c());
     let scale = T::from_f64(scale);
-    let mut out = vec![T::zero(); d.bw * n * d.c()];
+    let mut out = vec![T::zero(); d.bw * n * c];
     let op = SyncPtr(out.as_mut_ptr());
     (0..d.tasks()).into_par_iter().for_each(|t| {
         let op = op;
         let (b, hh) = (t / d.h, t % d.h);
-        let [q, k, v] = [0, 1, 2].map(|s| d.rows(qkv, 3, b, s, hh));
+        let ([q, k, v], o) = task_offsets(d, b, hh);
         let mask = mask.map(|m| &m[(b % d.nw) * n * n..(b % d.nw + 1) * n * n]);
         let bias = &bias[hh * n * n..(hh + 1) * n * n];
-        let mut o = vec![T::zero(); n * d.hd];
-        forward_task(&q, &k, &v, bias, mask, scale, &mut o);
-        // SAFETY: task t alone writes (window b, head hh) of `out`, which outlives the loop.
-        unsafe { d.put_rows(op, 1, b, 0, hh, &o) };
+        let (mut qs, mut p) = (vec![T::zero(); n * hd], Vec::new());
+        let base = qkv.as_ptr();
+        // SAFETY: the offsets address this task's rows inside qkv and out; task t alone writes
+        // its (window, head) columns of out, which outlives the loop.
+        unsafe {
+            probs(
+                d,
+                base.add(q),
+                base.add(k),
+                bias,
+                mask,
+                scale,
+                &mut qs,
+                &mut p,
+            );
+            matmul(
+                n,
+                hd,
+                n,
+                op.0.add(o),
+                c,
+                Mat::rows(p.as_ptr(), n),
+                Mat::rows(base.add(v), 3 * c),
+            );
+        }
     });
     out
 }
-
-dispatch!(backward_task<T>(q: &[T], k: &[T], v: &[T], bias: &[T], mask: Option<&[T]>, g: &[T],
-                           scale: T, dq: &mut [T], dk: &mut [T], dv: &mut [T], db: &mut [T]) => {
-    let n = db.len().isqrt();
-    let hd = q.len() / n;
-    let (kt, vt) = (transpose(k, n, hd), transpose(v, n, hd));
-    let (mut dkt, mut dvt) = (vec![T::zero(); hd * n], vec![T::zero(); hd * n]);
-    let mut dz = vec![T::zero(); n];
-    let (mut z, mut p) = (vec![T::zero(); n], vec![MaybeUninit::new(T::zero()); n]);
-    for i in 0..n {
-        let pr = probs_row(i, q, &kt, bias, mask, scale, &mut z, &mut p);
-        let gr = &g[i * hd..(i + 1) * hd];
-        // dv_j += p_ij·g_i; dp_i = g_i·vᵀ
-        dz.fill(T::zero());
-        for (d, &gd) in gr.iter().enumerate() {
-            axpy(&mut dvt[d * n..(d + 1) * n], gd, pr);
-            axpy(&mut dz, gd, &vt[d * n..(d + 1) * n]);
-        }
-        // softmax: dz = p·(dp − Σ dp·p)
-        let s = dot(&dz, pr);
-        for (z, &p) in dz.iter_mut().zip(pr) {
-            *z = p * (*z - s);
-        }
-        for (b, &z) in db[i * n..(i + 1) * n].iter_mut().zip(&dz) {
-            *b = *b + z;
-        }
-        // logits = (q·scale)·kᵀ: dq_i = scale·(dz_i·k), dk_j += dz_ij·(q_i·scale)
-        for d in 0..hd {
-            dq[i * hd + d] = dot(&dz, &kt[d * n..(d + 1) * n]) * scale;
-            axpy(&mut dkt[d * n..(d + 1) * n], q[i * hd + d] * scale, &dz);
-        }
-    }
-    for j in 0..n {
-        for d in 0..hd {
-            dk[j * hd + d] = dkt[d * n + j];
-            dv[j * hd + d] = dvt[d * n + j];
-        }
-    }
-});
 
 /// Window groups of the backward's bias-gradient sum: fixed, so that the sum's order (groups in
 /// order, windows in order inside each) does not depend on the thread count.
 const BIAS_GROUPS: usize = 8;
 
 /// Backward on slices: (qkv, bias, mask, output gradient) → (dqkv `[Bw,n,3,h,hd]`, dbias
-/// `[h·n·n]`). Tasks are (head, window group); each writes its windows' dq, dk, dv and sums its
-/// windows' bias gradient, and the groups' sums are added in order.
+/// `[h·n·n]`). Per (window, head): P again, `dV = Pᵀ·G`, `dP = G·Vᵀ`,
+/// `dZ = P∘(dP − rowsum(dP∘P))`, `dQ = scale·dZ·K`, `dK = dZᵀ·(Q·scale)`. Tasks are (head,
+/// window group); each sums its windows' dZ into its bias gradient, and the groups' sums are
+/// added in order.
 fn backward<T: Real>(
     qkv: &[T],
     bias: &[T],
@@ -328,9 +352,9 @@ fn backward<T: Real>(
     d: Dims,
 ) -> (Vec<T>, Vec<T>) {
     use rayon::prelude::*;
-    let (n, hd) = (d.n, d.hd);
+    let (n, hd, c) = (d.n, d.hd, d.c());
     let scale = T::from_f64(scale);
-    let mut dqkv = vec![T::zero(); 3 * d.bw * n * d.c()];
+    let mut dqkv = vec![T::zero(); 3 * d.bw * n * c];
     let dp = SyncPtr(dqkv.as_mut_ptr());
     let groups = BIAS_GROUPS.min(d.bw);
     let per_group = d.bw.div_ceil(groups);
@@ -340,28 +364,67 @@ fn backward<T: Real>(
             let dp = dp;
             let (hh, grp) = (task / groups, task % groups);
             let mut db = vec![T::zero(); n * n];
-            let mut dqkv = [0; 3].map(|_| vec![T::zero(); n * hd]);
+            let (mut qs, mut p) = (vec![T::zero(); n * hd], Vec::new());
+            let mut dz = vec![T::zero(); n * n];
+            let mut dq = vec![T::zero(); n * hd];
+            let (base, gb) = (qkv.as_ptr(), g.as_ptr());
             for b in grp * per_group..((grp + 1) * per_group).min(d.bw) {
-                let [q, k, v] = [0, 1, 2].map(|s| d.rows(qkv, 3, b, s, hh));
-                let gt = d.rows(g, 1, b, 0, hh);
+                let ([q, k, v], o) = task_offsets(d, b, hh);
                 let mask = mask.map(|m| &m[(b % d.nw) * n * n..(b % d.nw + 1) * n * n]);
-                let [dq, dk, dv] = &mut dqkv;
-                backward_task(
-                    &q,
-                    &k,
-                    &v,
-                    &bias[hh * n * n..(hh + 1) * n * n],
-                    mask,
-                    &gt,
-                    scale,
-                    dq,
-                    dk,
-                    dv,
-                    &mut db,
-                );
-                for (s, part) in dqkv.iter().enumerate() {
-                    // SAFETY: (window b, head hh) belongs to this task alone.
-                    unsafe { d.put_rows(dp, 3, b, s, hh, part) };
+                let bias = &bias[hh * n * n..(hh + 1) * n * n];
+                // SAFETY: the offsets address (window b, head hh) inside qkv, g and dqkv; this
+                // task alone owns that window and head, so no one else writes its dq, dk, dv.
+                unsafe {
+                    probs(
+                        d,
+                        base.add(q),
+                        base.add(k),
+                        bias,
+                        mask,
+                        scale,
+                        &mut qs,
+                        &mut p,
+                    );
+                    let gm = Mat::rows(gb.add(o), c);
+                    let pm = Mat::rows(p.as_ptr(), n);
+                    matmul(n, hd, n, dp.0.add(v), 3 * c, pm.t(), gm);
+                    matmul(
+                        n,
+                        n,
+                        hd,
+                        dz.as_mut_ptr(),
+                        n,
+                        gm,
+                        Mat::rows(base.add(v), 3 * c).t(),
+                    );
+                }
+                softmax_grad(&mut dz, &p, &mut db, n);
+                let zm = Mat::rows(dz.as_ptr(), n);
+                // SAFETY: as above; dq is a local n×hd buffer.
+                unsafe {
+                    matmul(
+                        n,
+                        hd,
+                        n,
+                        dq.as_mut_ptr(),
+                        hd,
+                        zm,
+                        Mat::rows(base.add(k), 3 * c),
+                    );
+                    matmul(
+                        n,
+                        hd,
+                        n,
+                        dp.0.add(k),
+                        3 * c,
+                        zm.t(),
+                        Mat::rows(qs.as_ptr(), hd),
+                    );
+                    for i in 0..n {
+                        for e in 0..hd {
+                            *dp.0.add(q + i * 3 * c + e) = dq[i * hd + e] * scale;
+                        }
+                    }
                 }
             }
             db
