@@ -4,14 +4,14 @@
 //! logits, the probabilities, their gradients) is a graph node, and Candle's backward zero-fills
 //! and adds a gradient buffer per node — at f24 64³ that is ~44 M floats per node in the first
 //! stage. Here the graph holds one node and no `n×n` tensor at all: as in flash attention, the
-//! backward recomputes each row's probabilities from q, k, the bias and the mask (bit for bit
-//! those of the forward: the same code, no reductions across the row but the softmax's own)
-//! instead of keeping them (they were 0.5 GB per Swin block of the first stage at f48 96³). It
-//! computes dq, dk, dv and the bias gradient per (window, head) in one pass, and the
-//! relative-position bias gradient comes out `[h,n,n]` (summed over windows), not `[nW,h,n,n]`.
+//! backward recomputes each (window, head)'s probabilities from q, k, the bias and the mask (bit
+//! for bit those of the forward: the same calls on the same inputs) instead of keeping them
+//! (they were 0.5 GB per Swin block of the first stage at f48 96³). The relative-position bias
+//! gradient comes out `[h,n,n]` (summed over windows in a fixed order), not `[nW,h,n,n]`.
 //!
-//! On CPU (f32/f64) the kernels below run, vectorised as in [`super::softmax_cpu`]; elsewhere the
-//! same formula is composed from tensor ops.
+//! On CPU (f32/f64) each (window, head) is a few single-threaded gemm calls on strided views of
+//! the tokens, with the softmax and its gradient in vector loops as in [`super::softmax_cpu`];
+//! elsewhere the same formula is composed from tensor ops.
 
 use std::mem::MaybeUninit;
 
