@@ -13,6 +13,9 @@
 //! peak resident memory of the train process; `train-ckpt` (not run unless named in
 //! `TSDISTILL_BENCH_MODES`) is the train step with gradient checkpointing on both sides
 //! (`use_checkpoint`; MONAI checkpoints the Swin blocks only, we also the residual conv blocks).
+//!
+//! `nn_swinunetr --graph F SIZE` (the bench binary itself) lists what the autograd graph of a
+//! train step holds, the activation memory, by tensor shape.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
@@ -108,6 +111,46 @@ fn one(feature: usize, size: usize, mode: &str, iters: usize) {
     );
 }
 
+/// What the autograd graph of one train step's loss holds (`--graph F SIZE`): Candle keeps every
+/// node's tensor until backward ends, so this is the activation memory. Unique storages of the
+/// non-parameter nodes, grouped by shape, largest first. (Tensors held inside custom ops are
+/// not graph nodes and are not counted.)
+fn graph_memory(feature: usize, size: usize) {
+    use std::collections::{HashMap, HashSet};
+    let dev = Device::Cpu;
+    let mut cfg = SwinUnetrConfig::new(1, 14);
+    cfg.feature_size = feature;
+    let varmap = VarMap::new();
+    let model = SwinUnetr::from_varmap(&cfg, &varmap, &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 1, size, size, size), &dev).unwrap();
+    let y = Tensor::zeros((1, 1, size, size, size), DType::U32, &dev).unwrap();
+    let loss = dice_ce_loss(&model.forward(&x).unwrap(), &y, &DiceCeOptions::default()).unwrap();
+    let nodes = loss.sorted_nodes();
+    let (mut seen, mut by_shape) = (HashSet::new(), HashMap::<Vec<usize>, (usize, usize)>::new());
+    let mut total = 0;
+    for n in &nodes {
+        let key = &*n.storage_and_layout().0 as *const _ as usize;
+        if n.is_variable() || !seen.insert(key) {
+            continue;
+        }
+        let bytes = n.elem_count() * n.dtype().size_in_bytes();
+        total += bytes;
+        let e = by_shape.entry(n.dims().to_vec()).or_default();
+        e.0 += 1;
+        e.1 += bytes;
+    }
+    let mut rows: Vec<_> = by_shape.into_iter().collect();
+    rows.sort_by_key(|(_, (_, b))| std::cmp::Reverse(*b));
+    println!(
+        "f{feature} {size}³: {} graph nodes, {:.2} GB in unique non-parameter storages",
+        nodes.len(),
+        total as f64 / 1e9
+    );
+    for (shape, (count, bytes)) in rows.iter().take(20) {
+        println!("{:>9.1} MB  ×{count:<3} {shape:?}", *bytes as f64 / 1e6);
+    }
+}
+
 fn parse(out: &std::process::Output, what: &str) -> (f64, f64) {
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text.lines().last().unwrap_or("");
@@ -134,6 +177,11 @@ fn main() {
     if args.first().map(String::as_str) == Some("--one") {
         let p = |i: usize| args[i].parse::<usize>().unwrap();
         one(p(1), p(2), &args[3], p(4));
+        return;
+    }
+    if args.first().map(String::as_str) == Some("--graph") {
+        let p = |i: usize| args[i].parse::<usize>().unwrap();
+        graph_memory(p(1), p(2));
         return;
     }
     let threads = std::env::var("TSDISTILL_BENCH_THREADS").unwrap_or_else(|_| "2".into());
