@@ -15,9 +15,10 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use super::ops::{softmax_last, Carried};
+use super::carried::{attach2, Backward2};
+use super::ops::softmax_last;
 use super::softmax_cpu::{dispatch, dot, softmax_row_into, Real};
 use super::SyncPtr;
 
@@ -81,14 +82,11 @@ pub fn window_attention(
     if !tracked {
         return Ok(out);
     }
-    qkv.apply_op2(
+    attach2(
+        &qkv,
         &bias,
-        WindowAttention {
-            out: Carried::new(out),
-            mask,
-            scale,
-            dims,
-        },
+        out,
+        WindowAttentionBackward { mask, scale, dims },
     )
 }
 
@@ -440,34 +438,22 @@ fn backward<T: Real>(
     (dqkv, dbias)
 }
 
-/// The autograd node: carries the forward's output; backward recomputes the probabilities.
-struct WindowAttention {
-    out: Carried,
+/// The autograd node's backward: recomputes the probabilities.
+struct WindowAttentionBackward {
     mask: Option<Tensor>,
     scale: f64,
     dims: Dims,
 }
 
-impl candle_core::CustomOp2 for WindowAttention {
+impl Backward2 for WindowAttentionBackward {
     fn name(&self) -> &'static str {
         "window-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         qkv: &Tensor,
         bias: &Tensor,
-        _out: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.detach().contiguous()?;

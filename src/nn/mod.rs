@@ -34,6 +34,7 @@
 //! - A `SwinUnetr` is cheap to clone (tensors are shared).
 
 pub mod attention;
+mod carried;
 pub mod checkpoint;
 pub mod conv_cpu;
 pub mod norm;

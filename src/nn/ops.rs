@@ -4,14 +4,14 @@
 //!
 //! Everything here is built from Candle tensor ops (so it runs on any device and has autograd),
 //! except the 3×3×3 convolution: it is computed on detached tensors by a [`Conv3dKernel`] and
-//! attached to the graph by a "gradient carrier" custom op whose backward calls the same kernel
+//! attached to the graph by one node ([`super::carried`]) whose backward calls the same kernel
 //! (`dx = conv(g, flip(W)ᵀ)`, `dW = g ⋆ x`). This keeps no per-tap intermediate alive for
 //! backward and lets a faster kernel replace [`Im2colConv3d`] without touching the model.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Arc;
 
+use super::carried::{attach2, attach3, Backward2, Backward3};
 use super::softmax_cpu;
 
 /// Variance epsilon of PyTorch's `nn.InstanceNorm3d` and `nn.LayerNorm` defaults.
@@ -147,86 +147,20 @@ fn flip_transpose(w: &Tensor) -> Result<Tensor> {
         .reshape((ci, co, 3, 3, 3))
 }
 
-/// Hands a result computed outside the autograd graph to a custom op's forward: the op takes it
-/// out (so the graph keeps only the op's output, not a second copy) and returns a copy of its
-/// storage. Works on every device whose storage can be cloned.
-pub(crate) struct Carried(std::sync::Mutex<Option<Tensor>>);
-
-impl Carried {
-    pub(crate) fn new(y: Tensor) -> Self {
-        Self(std::sync::Mutex::new(Some(y)))
-    }
-
-    fn take(&self) -> Result<Tensor> {
-        let y = self.0.lock().expect("carried lock").take();
-        let Some(y) = y else {
-            candle_core::bail!("carried result already used")
-        };
-        Ok(y)
-    }
-
-    pub(crate) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(s), Some((0, _))) => {
-                Ok((s.try_clone(layout)?, layout.shape().clone()))
-            }
-            _ => candle_core::bail!("carried result must be a contiguous CPU tensor"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    pub(crate) fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cuda(s), Some((0, _))) => {
-                Ok((s.try_clone(layout)?, layout.shape().clone()))
-            }
-            _ => candle_core::bail!("carried result must be a contiguous CUDA tensor"),
-        }
-    }
-}
-
-/// Custom op `(x, w) -> y` carrying a detached [`Conv3dKernel`] result `y` into the autograd
-/// graph, with the convolution's backward.
-struct Conv3dGrad {
+/// Backward of [`conv3d_k3`] through its kernel: `dx = conv(g, flip(W)ᵀ)`, `dW = g ⋆ x`.
+struct Conv3dBackward {
     kernel: Arc<dyn Conv3dKernel>,
-    y: Carried,
 }
 
-impl candle_core::CustomOp2 for Conv3dGrad {
+impl Backward2 for Conv3dBackward {
     fn name(&self) -> &'static str {
         "conv3d-k3"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.y.cuda()
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (x, w, g) = (x.detach(), w.detach(), g.detach().contiguous()?);
@@ -255,14 +189,10 @@ pub fn conv3d_k3(x: &Tensor, w: &Tensor, kernel: &Arc<dyn Conv3dKernel>) -> Resu
         );
     }
     let y = kernel.forward(&x.detach(), &w.detach())?.contiguous()?;
-    if !x.track_op() && !w.track_op() {
-        return Ok(y);
-    }
-    let op = Conv3dGrad {
+    let backward = Conv3dBackward {
         kernel: kernel.clone(),
-        y: Carried::new(y),
     };
-    x.apply_op2(w, op)
+    attach2(x, w, y, backward)
 }
 
 /// `x·wᵀ + b` for x `[N,in]`, w `[out,in]`, b `[out]`: one graph node instead of two (the
@@ -274,53 +204,22 @@ pub fn linear_with_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         .matmul(&w.detach().t()?)?
         .broadcast_add(&b.detach())?
         .contiguous()?;
-    if !x.track_op() && !w.track_op() && !b.track_op() {
-        return Ok(y);
-    }
-    x.apply_op3(w, b, LinearGrad { y: Carried::new(y) })
+    attach3(x, w, b, y, LinearBackward)
 }
 
-/// Custom op `(x, w, b) -> x·wᵀ + b` carrying the detached result, with the affine map's backward.
-struct LinearGrad {
-    y: Carried,
-}
+/// Backward of [`linear_with_bias`].
+struct LinearBackward;
 
-impl candle_core::CustomOp3 for LinearGrad {
+impl Backward3 for LinearBackward {
     fn name(&self) -> &'static str {
         "linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.y.cuda()
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         w: &Tensor,
         _b: &Tensor,
-        _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, w, g) = (x.detach(), w.detach(), g.detach());
@@ -395,53 +294,22 @@ pub fn conv_transpose3d_k2_cat(x: &Tensor, w: &Tensor, skip: &Tensor) -> Result<
     let up = conv_transpose3d_k2(&x.detach(), &w.detach())?;
     let y = Tensor::cat(&[&up, &skip.detach()], 1)?.contiguous()?;
     drop(up);
-    if !x.track_op() && !w.track_op() && !skip.track_op() {
-        return Ok(y);
-    }
-    x.apply_op3(w, skip, UpCatGrad { y: Carried::new(y) })
+    attach3(x, w, skip, y, UpCatBackward)
 }
 
-/// Custom op `(x, w, skip) -> cat([convT(x, w), skip])` carrying the detached result.
-struct UpCatGrad {
-    y: Carried,
-}
+/// Backward of [`conv_transpose3d_k2_cat`].
+struct UpCatBackward;
 
-impl candle_core::CustomOp3 for UpCatGrad {
+impl Backward3 for UpCatBackward {
     fn name(&self) -> &'static str {
         "conv-transpose-cat"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.y.cuda()
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         w: &Tensor,
         skip: &Tensor,
-        _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, w, g) = (x.detach(), w.detach(), g.detach());

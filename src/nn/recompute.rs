@@ -11,9 +11,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, TensorId, Var};
+use candle_core::{Result, Tensor, TensorId, Var};
 
-use super::ops::Carried;
+use super::carried::{attach1, Backward1};
 
 /// A block to checkpoint: a pure function of its input (and of parameters it holds).
 pub(crate) type Block = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
@@ -71,38 +71,25 @@ pub(crate) fn checkpoint(x: &Tensor, block: Block, grads: &RecomputedGrads) -> R
     } else {
         Var::from_tensor(x)?.into_inner()
     };
-    x.apply_op1(Recompute {
+    let backward = Recompute {
         block,
-        y: Carried::new(y),
         grads: grads.clone(),
-    })
+    };
+    attach1(&x, y, backward)
 }
 
+/// Backward of [`checkpoint`]: runs the block again and differentiates it.
 struct Recompute {
     block: Block,
-    y: Carried,
     grads: RecomputedGrads,
 }
 
-impl candle_core::CustomOp1 for Recompute {
+impl Backward1 for Recompute {
     fn name(&self) -> &'static str {
         "recompute"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.y.cuda()
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    fn backward(&self, x: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let input = Var::from_tensor(&x.detach())?;
         let y = (self.block)(input.as_tensor())?;
         // d(sum(y ⊙ g)) is the vector-Jacobian product the outer backward asks for.
