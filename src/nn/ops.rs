@@ -4,7 +4,7 @@
 //!
 //! Everything here is built from Candle tensor ops (so it runs on any device and has autograd),
 //! except the 3×3×3 convolution: it is computed on detached tensors by a [`Conv3dKernel`] and
-//! attached to the graph by one node ([`super::carried`]) whose backward calls the same kernel
+//! attached to the graph by one node (`nn::carried`) whose backward calls the same kernel
 //! (`dx = conv(g, flip(W)ᵀ)`, `dW = g ⋆ x`). This keeps no per-tap intermediate alive for
 //! backward and lets a faster kernel replace [`Im2colConv3d`] without touching the model.
 
