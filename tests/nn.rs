@@ -175,6 +175,104 @@ fn r3_parity_f12_64_gradients() {
     assert_eq!(checked, 10);
 }
 
+/// The path CUDA takes, checked on the CPU: with `with_generic_ops` every fused CPU kernel
+/// (3×3×3 conv, norms, window attention and gather, LeakyReLU, DiceCE) is replaced by its
+/// composition of Candle tensor ops, as on a GPU. That path must give MONAI's logits (64³ and the
+/// non-cubic use_v2 case, f32), MONAI's loss and reference gradients (f64), and a nonzero
+/// gradient for every parameter. Its graph is counted to show the switch took effect.
+#[test]
+fn r3_generic_path_that_cuda_takes_matches_monai() {
+    use tsdistill::nn::with_generic_ops;
+    let c = cases();
+    let f64_loss_and_graph = |generic: bool| {
+        let (model, varmap) = SwinUnetr::trainable_from_state_dict(
+            base_weights(),
+            &cfg(Downsample::Merging, false),
+            &Device::Cpu,
+            DType::F64,
+        )
+        .unwrap();
+        let run = || {
+            let x = c["input_64"].to_dtype(DType::F64).unwrap();
+            let loss = dice_ce_loss(&model.forward(&x).unwrap(), &c["label_64"]).unwrap();
+            let nodes = loss.sorted_nodes().len();
+            let grads = loss.backward().unwrap();
+            (loss.to_scalar::<f64>().unwrap(), nodes, grads)
+        };
+        let (loss, nodes, grads) = if generic {
+            with_generic_ops(run)
+        } else {
+            run()
+        };
+        (loss, nodes, grads, model, varmap)
+    };
+    let (_, fused_nodes, ..) = f64_loss_and_graph(false);
+    let (loss, nodes, grads, model, varmap) = f64_loss_and_graph(true);
+    println!("graph nodes: fused {fused_nodes}, generic {nodes}");
+    assert!(
+        nodes > 2 * fused_nodes,
+        "generic graph {nodes} nodes vs fused {fused_nodes}: the switch did not take effect"
+    );
+    let want = c["loss_64_f64"].to_vec1::<f64>().unwrap()[0];
+    println!("generic DiceCE f64: {loss} MONAI {want}");
+    assert!((loss - want).abs() < 1e-10, "loss {loss} vs MONAI {want}");
+    let vars = varmap.data().lock().unwrap();
+    let mut checked = 0;
+    for (name, want) in c
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("grad.")?, v)))
+    {
+        let e = rel_err(grads.get(vars[name].as_tensor()).unwrap(), want);
+        println!("generic grad {name}: rel err {e:e}");
+        assert!(e < 1e-6, "generic grad {name}: rel err {e}");
+        checked += 1;
+    }
+    assert_eq!(checked, 10);
+    for (name, t) in model.named_parameters() {
+        let g = grads
+            .get(t)
+            .unwrap_or_else(|| panic!("generic path: parameter {name} got no gradient"));
+        let norm = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            norm > 0.0,
+            "generic path: parameter {name} got a zero gradient"
+        );
+    }
+    assert_eq!(model.named_parameters().len(), 151);
+
+    with_generic_ops(|| {
+        let model = SwinUnetr::load(
+            dir().join("swinunetr_f12.pt"),
+            &cfg(Downsample::Merging, false),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_logits(
+            &model,
+            &c["input_64"],
+            &c["logits_merging_64"],
+            "generic f12 64³",
+        );
+        let mut v2 = base_weights();
+        let extra = dir().join("swinunetr_f12_v2extra.safetensors");
+        v2.extend(candle_core::safetensors::load(extra, &Device::Cpu).unwrap());
+        let model =
+            SwinUnetr::from_state_dict(v2, &cfg(Downsample::Merging, true), &Device::Cpu).unwrap();
+        assert_logits(
+            &model,
+            &c["input_64x64x32"],
+            &c["logits_v2_64x64x32"],
+            "generic use_v2 64×64×32",
+        );
+    });
+}
+
 /// Gradient checkpointing (`use_checkpoint`) changes where memory goes, not the numbers: the
 /// same loss, every one of the 151 parameters' gradients equal to the plain model's (f64), the
 /// ten MONAI gradients matched as above; and a plain `loss.backward()` on a checkpointed model is

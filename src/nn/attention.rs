@@ -18,6 +18,8 @@ use std::mem::MaybeUninit;
 use candle_core::{DType, Result, Tensor};
 
 use super::carried::{attach2, Backward2};
+use super::cpu_data::with_slice;
+use super::fused;
 use super::ops::softmax_last;
 use super::softmax_cpu::{dispatch, dot, softmax_row_into, Real};
 use super::SyncPtr;
@@ -67,9 +69,8 @@ pub fn window_attention(
         );
     }
     let dims = Dims { bw, h, n, hd, nw };
-    let same = |t: &Tensor| t.device().is_cpu() && t.dtype() == qkv.dtype();
-    let cpu = same(qkv) && same(bias) && mask.is_none_or(same);
-    if !cpu || !matches!(qkv.dtype(), DType::F32 | DType::F64) {
+    let same = |t: &Tensor| fused::applies(t) && t.dtype() == qkv.dtype();
+    if !(same(qkv) && same(bias) && mask.is_none_or(same)) {
         return composite(qkv, bias, mask, scale, dims);
     }
     let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
@@ -117,17 +118,8 @@ fn composite(
         .contiguous()
 }
 
-/// Borrows the contiguous CPU data of `t` as `&[T]` for the duration of `f`.
-fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*s else {
-        candle_core::bail!("window_attention: CPU tensors expected")
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("window_attention: contiguous tensors expected")
-    };
-    Ok(f(&T::cpu_storage_as_slice(s)?[a..b]))
-}
+/// The op's name in errors.
+const WHAT: &str = "window_attention";
 
 fn forward_t<T: Real>(
     qkv: &Tensor,
@@ -137,9 +129,9 @@ fn forward_t<T: Real>(
     d: Dims,
 ) -> Result<Tensor> {
     let dev = candle_core::Device::Cpu;
-    let out = with_slice::<T, _>(qkv, |qkv| {
-        with_slice::<T, _>(bias, |bias| match mask {
-            Some(m) => with_slice::<T, _>(m, |m| forward(qkv, bias, Some(m), scale, d)),
+    let out = with_slice::<T, _>(qkv, WHAT, |qkv| {
+        with_slice::<T, _>(bias, WHAT, |bias| match mask {
+            Some(m) => with_slice::<T, _>(m, WHAT, |m| forward(qkv, bias, Some(m), scale, d)),
             None => Ok(forward(qkv, bias, None, scale, d)),
         })
     })???;
@@ -263,6 +255,43 @@ unsafe fn probs<T: Real>(
     unsafe { p.set_len(n * n) };
 }
 
+/// Task (window `b`, head `hh`) up to its probabilities: [`probs`] on its q and k rows, its
+/// head's bias and its window's mask. Returns [`task_offsets`]. The forward and the backward
+/// both start so.
+#[allow(clippy::too_many_arguments)]
+fn task_probs<T: Real>(
+    d: Dims,
+    b: usize,
+    hh: usize,
+    qkv: &[T],
+    bias: &[T],
+    mask: Option<&[T]>,
+    scale: T,
+    qs: &mut [T],
+    p: &mut Vec<T>,
+) -> ([usize; 3], usize) {
+    let nn = d.n * d.n;
+    let offsets = task_offsets(d, b, hh);
+    let [q, k, _] = offsets.0;
+    let mask = mask.map(|m| &m[(b % d.nw) * nn..(b % d.nw + 1) * nn]);
+    let bias = &bias[hh * nn..(hh + 1) * nn];
+    // SAFETY: window_attention checked qkv's shape against d, so the q and k rows of every
+    // (window, head) lie inside qkv.
+    unsafe {
+        probs(
+            d,
+            qkv.as_ptr().add(q),
+            qkv.as_ptr().add(k),
+            bias,
+            mask,
+            scale,
+            qs,
+            p,
+        )
+    };
+    offsets
+}
+
 dispatch!(logits_to_probs<T>(z: &mut [T], bias: &[T], mask: Option<&[T]>,
                              p: &mut [MaybeUninit<T>], n: usize) => {
     for (z, &b) in z.iter_mut().zip(bias) {
@@ -300,24 +329,11 @@ fn forward<T: Real>(qkv: &[T], bias: &[T], mask: Option<&[T]>, scale: f64, d: Di
     (0..d.tasks()).into_par_iter().for_each(|t| {
         let op = op;
         let (b, hh) = (t / d.h, t % d.h);
-        let ([q, k, v], o) = task_offsets(d, b, hh);
-        let mask = mask.map(|m| &m[(b % d.nw) * n * n..(b % d.nw + 1) * n * n]);
-        let bias = &bias[hh * n * n..(hh + 1) * n * n];
         let (mut qs, mut p) = (vec![T::zero(); n * hd], Vec::new());
-        let base = qkv.as_ptr();
+        let ([_, _, v], o) = task_probs(d, b, hh, qkv, bias, mask, scale, &mut qs, &mut p);
         // SAFETY: the offsets address this task's rows inside qkv and out; task t alone writes
         // its (window, head) columns of out, which outlives the loop.
         unsafe {
-            probs(
-                d,
-                base.add(q),
-                base.add(k),
-                bias,
-                mask,
-                scale,
-                &mut qs,
-                &mut p,
-            );
             matmul(
                 n,
                 hd,
@@ -325,7 +341,7 @@ fn forward<T: Real>(qkv: &[T], bias: &[T], mask: Option<&[T]>, scale: f64, d: Di
                 op.0.add(o),
                 c,
                 Mat::rows(p.as_ptr(), n),
-                Mat::rows(base.add(v), 3 * c),
+                Mat::rows(qkv.as_ptr().add(v), 3 * c),
             );
         }
     });
@@ -367,22 +383,10 @@ fn backward<T: Real>(
             let mut dq = vec![T::zero(); n * hd];
             let (base, gb) = (qkv.as_ptr(), g.as_ptr());
             for b in grp * per_group..((grp + 1) * per_group).min(d.bw) {
-                let ([q, k, v], o) = task_offsets(d, b, hh);
-                let mask = mask.map(|m| &m[(b % d.nw) * n * n..(b % d.nw + 1) * n * n]);
-                let bias = &bias[hh * n * n..(hh + 1) * n * n];
+                let ([q, k, v], o) = task_probs(d, b, hh, qkv, bias, mask, scale, &mut qs, &mut p);
                 // SAFETY: the offsets address (window b, head hh) inside qkv, g and dqkv; this
                 // task alone owns that window and head, so no one else writes its dq, dk, dv.
                 unsafe {
-                    probs(
-                        d,
-                        base.add(q),
-                        base.add(k),
-                        bias,
-                        mask,
-                        scale,
-                        &mut qs,
-                        &mut p,
-                    );
                     let gm = Mat::rows(gb.add(o), c);
                     let pm = Mat::rows(p.as_ptr(), n);
                     matmul(n, hd, n, dp.0.add(v), 3 * c, pm.t(), gm);
@@ -468,12 +472,12 @@ impl Backward2 for WindowAttentionBackward {
             scale: f64,
             d: Dims,
         ) -> Result<(Vec<T>, Vec<T>)> {
-            with_slice::<T, _>(qkv, |qkv| {
-                with_slice::<T, _>(bias, |bias| {
-                    with_slice::<T, _>(g, |g| match mask {
-                        Some(m) => {
-                            with_slice::<T, _>(m, |m| backward(qkv, bias, Some(m), g, scale, d))
-                        }
+            with_slice::<T, _>(qkv, WHAT, |qkv| {
+                with_slice::<T, _>(bias, WHAT, |bias| {
+                    with_slice::<T, _>(g, WHAT, |g| match mask {
+                        Some(m) => with_slice::<T, _>(m, WHAT, |m| {
+                            backward(qkv, bias, Some(m), g, scale, d)
+                        }),
                         None => Ok(backward(qkv, bias, None, g, scale, d)),
                     })
                 })

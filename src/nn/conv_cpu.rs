@@ -213,7 +213,7 @@ where
 
 impl CpuConv3d {
     fn native(x: &Tensor) -> bool {
-        x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+        super::fused::applies(x)
     }
 }
 

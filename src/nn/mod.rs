@@ -37,6 +37,8 @@ pub mod attention;
 mod carried;
 pub mod checkpoint;
 pub mod conv_cpu;
+pub(crate) mod cpu_data;
+pub(crate) mod fused;
 pub mod norm;
 pub mod ops;
 mod recompute;
@@ -45,6 +47,7 @@ pub mod swin_unetr;
 mod window;
 
 pub use conv_cpu::CpuConv3d;
+pub use fused::with_generic_ops;
 pub use ops::{Conv3dKernel, Im2colConv3d};
 pub use swin_unetr::{Downsample, SwinUnetr, SwinUnetrConfig};
 

@@ -10,15 +10,12 @@
 //!
 //! Statistics are accumulated in f64 (instance-norm rows are up to 96³ long).
 
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::ops::{leaky_relu, LEAKY_SLOPE, NORM_EPS};
-
-/// True where the fused CPU kernels apply.
-fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
-}
+use super::cpu_data::with_slices;
+use super::fused::applies as fused;
+use super::ops::{leaky_relu, LeakyReluGrad, LEAKY_SLOPE, NORM_EPS};
 
 /// Mean and 1/σ (biased variance + eps) of one row, two-pass in f64.
 fn row_stats<T: candle_core::WithDType>(xs: &[T]) -> (f64, f64) {
@@ -68,35 +65,6 @@ fn instance_norm_grad_row<T: candle_core::WithDType>(
         let xh = (x.to_f64() - mean) * inv;
         *o = T::from_f64((g_at(i) - mg - xh * mgx) * inv);
     }
-}
-
-fn slices<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Slice<'a>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: inputs must be contiguous")
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => Slice::F32(&v[a..b]),
-        CpuStorage::F64(v) => Slice::F64(&v[a..b]),
-        _ => candle_core::bail!("{what}: f32/f64 only"),
-    })
-}
-
-enum Slice<'a> {
-    F32(&'a [f32]),
-    F64(&'a [f64]),
-}
-
-/// Runs `$body` with `$($v)` bound to same-dtype slices of the storages and wraps the returned
-/// `Vec` back into a `CpuStorage`.
-macro_rules! with_slices {
-    ($what:expr, [$(($v:ident, $s:expr, $l:expr)),+], $body:expr) => {{
-        match ($(slices($s, $l, $what)?,)+) {
-            ($(Slice::F32($v),)+) => CpuStorage::F32($body),
-            ($(Slice::F64($v),)+) => CpuStorage::F64($body),
-            #[allow(unreachable_patterns)]
-            _ => candle_core::bail!("{}: inputs of one dtype only", $what),
-        }
-    }};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -205,6 +173,7 @@ impl candle_core::CustomOp1 for InstanceNorm {
 
 /// [`InstanceNorm`]'s backward on CPU, one parallel pass per row: (x, y, g) → dx (y is read only
 /// for the LeakyReLU slope when `act`).
+#[derive(Clone, Copy)]
 struct InstanceNormGrad {
     row: usize,
     act: bool,
@@ -332,50 +301,12 @@ impl candle_core::CustomOp2 for ResidualTail {
         };
         let da = a.apply_op3(&y, &g, in_grad)?;
         let dr = if self.norm_residual {
-            let in_grad = InstanceNormGrad {
-                row: self.row,
-                act: true,
-            };
             r.apply_op3(&y, &g, in_grad)?
         } else {
-            y.apply_op2(&g, LeakyGradFromOutput)?
+            // LeakyReLU's output has its input's sign, so its gradient can be read off y.
+            y.apply_op2(&g, LeakyReluGrad)?
         };
         Ok((Some(da), Some(dr)))
-    }
-}
-
-/// `g · LeakyReLU'` with the slope read off the LeakyReLU output y.
-struct LeakyGradFromOutput;
-
-impl candle_core::CustomOp2 for LeakyGradFromOutput {
-    fn name(&self) -> &'static str {
-        "leaky-grad-from-output"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sy: &CpuStorage,
-        ly: &Layout,
-        sg: &CpuStorage,
-        lg: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn go<T: candle_core::WithDType>(y: &[T], g: &[T]) -> Vec<T> {
-            let mut out = vec![T::zero(); y.len()];
-            out.par_chunks_mut(1 << 16)
-                .zip(y.par_chunks(1 << 16).zip(g.par_chunks(1 << 16)))
-                .for_each(|(o, (ys, gs))| {
-                    for ((o, &y), &g) in o.iter_mut().zip(ys).zip(gs) {
-                        *o = T::from_f64(g.to_f64() * leaky_slope_at(y));
-                    }
-                });
-            out
-        }
-        let out = with_slices!(
-            "leaky-grad-from-output",
-            [(y, sy, ly), (g, sg, lg)],
-            go(y, g)
-        );
-        Ok((out, ly.shape().clone()))
     }
 }
 

@@ -8,10 +8,11 @@
 //! (`dx = conv(g, flip(W)ᵀ)`, `dW = g ⋆ x`). This keeps no per-tap intermediate alive for
 //! backward and lets a faster kernel replace [`Im2colConv3d`] without touching the model.
 
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, D};
 use std::sync::Arc;
 
 use super::carried::{attach2, attach3, Backward2, Backward3};
+use super::cpu_data::with_slices;
 use super::softmax_cpu;
 
 /// Variance epsilon of PyTorch's `nn.InstanceNorm3d` and `nn.LayerNorm` defaults.
@@ -340,7 +341,7 @@ impl Backward3 for UpCatBackward {
 /// LeakyReLU with MONAI's slope 0.01. On CPU (f32/f64) one fused op; elsewhere
 /// `max(x, 0.01·x)`.
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::fused::applies(x) {
         x.contiguous()?.apply_op1(LeakyRelu)
     } else {
         x.maximum(&(x * LEAKY_SLOPE)?)
@@ -373,14 +374,7 @@ impl candle_core::CustomOp1 for LeakyRelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("leaky-relu: input must be contiguous")
-        };
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(leaky_rows(&v[a..b])),
-            CpuStorage::F64(v) => CpuStorage::F64(leaky_rows(&v[a..b])),
-            _ => candle_core::bail!("leaky-relu: f32/f64 only"),
-        };
+        let out = with_slices!("leaky-relu", [(x, s, l)], leaky_rows(x));
         Ok((out, l.shape().clone()))
     }
 
@@ -397,7 +391,7 @@ impl candle_core::CustomOp1 for LeakyRelu {
 }
 
 /// [`LeakyRelu`]'s backward on CPU in one pass: (x, g) → `g · (x > 0 ? 1 : 0.01)`.
-struct LeakyReluGrad;
+pub(crate) struct LeakyReluGrad;
 
 fn leaky_grad_rows<T>(x: &[T], g: &[T]) -> Vec<T>
 where
@@ -428,19 +422,11 @@ impl candle_core::CustomOp2 for LeakyReluGrad {
         sg: &CpuStorage,
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((xa, xb)), Some((ga, gb))) = (lx.contiguous_offsets(), lg.contiguous_offsets())
-        else {
-            candle_core::bail!("leaky-relu-grad: inputs must be contiguous")
-        };
-        let out = match (sx, sg) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(leaky_grad_rows(&x[xa..xb], &g[ga..gb]))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(leaky_grad_rows(&x[xa..xb], &g[ga..gb]))
-            }
-            _ => candle_core::bail!("leaky-relu-grad: f32/f64 of one dtype only"),
-        };
+        let out = with_slices!(
+            "leaky-relu-grad",
+            [(x, sx, lx), (g, sg, lg)],
+            leaky_grad_rows(x, g)
+        );
         Ok((out, lx.shape().clone()))
     }
 }
@@ -454,7 +440,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// (f32/f64) it is one fused parallel pass with an analytic backward; elsewhere it is composed
 /// from tensor ops.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::fused::applies(x) {
         x.apply_op1(SoftmaxLast)
     } else {
         candle_nn::ops::softmax(x, D::Minus1)
@@ -471,14 +457,7 @@ impl candle_core::CustomOp1 for SoftmaxLast {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = l.dims().last().copied().unwrap_or(1);
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("softmax-last: input must be contiguous")
-        };
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(softmax_cpu::softmax(&v[a..b], n)),
-            CpuStorage::F64(v) => CpuStorage::F64(softmax_cpu::softmax(&v[a..b], n)),
-            _ => candle_core::bail!("softmax-last: f32/f64 only"),
-        };
+        let out = with_slices!("softmax-last", [(x, s, l)], softmax_cpu::softmax(x, n));
         Ok((out, l.shape().clone()))
     }
 

@@ -8,8 +8,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::cpu_data::with_slices;
 
 /// Marks a padded window position: it reads zero.
 const PAD: u32 = u32::MAX;
@@ -115,7 +117,7 @@ impl WindowLayout {
 /// `out[r] = x[index[r]]` (zeros where [`PAD`]) over rows of `x` `[R,C]`; `inverse` is the
 /// inverse map (each x row is read at most once), used for the gradient.
 fn gather(x: &Tensor, index: &Arc<Vec<u32>>, inverse: &Arc<Vec<u32>>) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::fused::applies(x) {
         let op = RowGather {
             index: index.clone(),
             inverse: inverse.clone(),
@@ -164,20 +166,13 @@ impl candle_core::CustomOp1 for RowGather {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, c) = l.shape().dims2()?;
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("window-gather: input must be contiguous")
-        };
         if self.inverse.len() != rows {
             candle_core::bail!(
                 "window-gather: {rows} rows, index for {}",
                 self.inverse.len()
             )
         }
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(gather_rows(&v[a..b], &self.index, c)),
-            CpuStorage::F64(v) => CpuStorage::F64(gather_rows(&v[a..b], &self.index, c)),
-            _ => candle_core::bail!("window-gather: f32/f64 only"),
-        };
+        let out = with_slices!("window-gather", [(x, s, l)], gather_rows(x, &self.index, c));
         Ok((out, Shape::from((self.index.len(), c))))
     }
 

@@ -28,6 +28,7 @@ use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::error::{Result, TrainError};
+use crate::nn::cpu_data::{slices, with_slice, Slice};
 
 /// Options of [`dice_ce_loss`]; `Default` is MONAI's default.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -87,7 +88,7 @@ pub fn dice_ce_loss(logits: &Tensor, labels: &Tensor, opts: &DiceCeOptions) -> R
         .flatten_from(2)?
         .to_dtype(DType::F32)?
         .to_dtype(DType::U32)?;
-    if x.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64) {
+    if crate::nn::fused::applies(&x) {
         let op = DiceCe {
             ids: Arc::new(ids.flatten_all()?.to_vec1::<u32>()?),
             b,
@@ -327,22 +328,18 @@ impl candle_core::CustomOp1 for DiceCe {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((a, z)) = l.contiguous_offsets() else {
-            candle_core::bail!("dice-ce: logits must be contiguous")
-        };
         let n = l.shape().elem_count() / (self.b * self.c);
-        let (sums, out) = match st {
-            CpuStorage::F32(v) => {
-                let s = self.sums(&v[a..z]);
+        let (sums, out) = match slices(st, l, "dice-ce")? {
+            Slice::F32(v) => {
+                let s = self.sums(v);
                 let loss = self.loss(&s, n);
                 (s, CpuStorage::F32(vec![loss as f32]))
             }
-            CpuStorage::F64(v) => {
-                let s = self.sums(&v[a..z]);
+            Slice::F64(v) => {
+                let s = self.sums(v);
                 let loss = self.loss(&s, n);
                 (s, CpuStorage::F64(vec![loss]))
             }
-            _ => candle_core::bail!("dice-ce: f32/f64 logits only"),
         };
         *self.sums.lock().expect("dice-ce lock") = Some(Arc::new(sums));
         Ok((out, Shape::from(())))
@@ -355,17 +352,11 @@ impl candle_core::CustomOp1 for DiceCe {
         };
         let gl = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let x = x.detach();
-        let (st, l) = x.storage_and_layout();
-        let (candle_core::Storage::Cpu(st), Some((a, z))) = (&*st, l.contiguous_offsets()) else {
-            candle_core::bail!("dice-ce: contiguous CPU logits expected")
-        };
-        let dx = match st {
-            CpuStorage::F32(v) => {
-                Tensor::from_vec(self.grad(&v[a..z], &sums, gl), x.shape(), x.device())?
-            }
-            CpuStorage::F64(v) => {
-                Tensor::from_vec(self.grad(&v[a..z], &sums, gl), x.shape(), x.device())?
-            }
+        let dx = match x.dtype() {
+            DType::F32 => with_slice::<f32, _>(&x, "dice-ce", |v| self.grad(v, &sums, gl))
+                .and_then(|d| Tensor::from_vec(d, x.shape(), x.device()))?,
+            DType::F64 => with_slice::<f64, _>(&x, "dice-ce", |v| self.grad(v, &sums, gl))
+                .and_then(|d| Tensor::from_vec(d, x.shape(), x.device()))?,
             _ => candle_core::bail!("dice-ce: f32/f64 logits only"),
         };
         Ok(Some(dx))
