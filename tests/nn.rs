@@ -79,6 +79,29 @@ fn assert_logits(model: &SwinUnetr, input: &Tensor, want: &Tensor, what: &str) {
     assert!(diff < 1e-4, "{what}: max |logit diff| {diff} ≥ 1e-4");
 }
 
+/// Every one of the model's parameters has a nonzero gradient in `grads` (any dtype, any device).
+fn assert_every_parameter_has_a_gradient(
+    model: &SwinUnetr,
+    grads: &candle_core::backprop::GradStore,
+    what: &str,
+) {
+    for (name, t) in model.named_parameters() {
+        let g = grads
+            .get(t)
+            .unwrap_or_else(|| panic!("{what}: parameter {name} got no gradient"));
+        let norm = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(norm > 0.0, "{what}: parameter {name} got a zero gradient");
+    }
+}
+
 /// The .pt fixture (torch.save, nested under `state_dict`, `module.` prefix) gives MONAI's
 /// logits at 64³; every parameter gets a nonzero gradient from one DiceCE backward.
 #[test]
@@ -94,19 +117,7 @@ fn r3_parity_f12_64_logits_and_all_parameters_get_gradients() {
 
     let loss = dice_ce_loss(&logits, &c["label_64"]).unwrap();
     let grads = loss.backward().unwrap();
-    for (name, t) in model.named_parameters() {
-        let g = grads
-            .get(t)
-            .unwrap_or_else(|| panic!("parameter {name} got no gradient"));
-        let norm = g
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(norm > 0.0, "parameter {name} got a zero gradient");
-    }
+    assert_every_parameter_has_a_gradient(&model, &grads, "fused path");
     assert_eq!(model.named_parameters().len(), varmap.all_vars().len());
     assert_eq!(model.named_parameters().len(), 151); // MONAI's f12 state_dict minus 8 buffers
 }
@@ -238,22 +249,7 @@ fn r3_generic_path_that_cuda_takes_matches_monai() {
         checked += 1;
     }
     assert_eq!(checked, 10);
-    for (name, t) in model.named_parameters() {
-        let g = grads
-            .get(t)
-            .unwrap_or_else(|| panic!("generic path: parameter {name} got no gradient"));
-        let norm = g
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert!(
-            norm > 0.0,
-            "generic path: parameter {name} got a zero gradient"
-        );
-    }
+    assert_every_parameter_has_a_gradient(&model, &grads, "generic path");
     assert_eq!(model.named_parameters().len(), 151);
 
     with_generic_ops(|| {
