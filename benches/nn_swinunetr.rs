@@ -4,7 +4,8 @@
 //! (default: all). Each measurement runs in its own process (so that the peak resident memory,
 //! VmHWM, belongs to one configuration): this binary re-executes itself with `--one`, and runs
 //! `benches/nn_swinunetr_peer.py` with the venv's Python (`TSDISTILL_PYTHON`, default
-//! `/work/target/venv/bin/python`) for the peer. Threads: `TSDISTILL_BENCH_THREADS` (default 2)
+//! `target/venv/bin/python` in this checkout) for the peer; that venv needs
+//! `pip install torch==2.15.0 monai==1.6.1 einops` (MONAI's SwinUNETR imports einops). Threads: `TSDISTILL_BENCH_THREADS` (default 2)
 //! for both (RAYON_NUM_THREADS and torch.set_num_threads). `TSDISTILL_BENCH_MODES=forward` (or
 //! `train`) restricts the modes.
 //!
@@ -185,8 +186,8 @@ fn main() {
         return;
     }
     let threads = std::env::var("TSDISTILL_BENCH_THREADS").unwrap_or_else(|_| "2".into());
-    let python =
-        std::env::var("TSDISTILL_PYTHON").unwrap_or_else(|_| "/work/target/venv/bin/python".into());
+    let python = std::env::var("TSDISTILL_PYTHON")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/venv/bin/python").into());
     let peer = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/nn_swinunetr_peer.py");
     let exe = std::env::current_exe().unwrap();
     println!("threads {threads}; seconds/iteration, peak RSS GiB; ratio = candle / torch");

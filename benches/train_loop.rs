@@ -5,7 +5,7 @@
 //! (tests/learning.rs), resampled to 4.8×4.8×5.4 mm: one 64×64×32 patch per iteration
 //! (RandCropByPosNegLabeld 1:1), DiceCE, AdamW. Ours runs the `tsdistill` binary on a pipeline
 //! (patches built by worker threads), the peer is `benches/train_convergence_peer.py` with the
-//! venv's Python (`TSDISTILL_PYTHON`, default `/work/target/venv/bin/python`).
+//! venv's Python (`TSDISTILL_PYTHON`, default `target/venv/bin/python` in this checkout).
 //! `TSDISTILL_BENCH_THREADS` (default 2) threads each, `TSDISTILL_BENCH_ITERS` (default 12).
 //! Reported: seconds per iteration of each, their ratio, and our data-wait share (the fraction
 //! of the loop spent waiting for a batch).
@@ -19,8 +19,8 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
-    let python =
-        std::env::var("TSDISTILL_PYTHON").unwrap_or_else(|_| "/work/target/venv/bin/python".into());
+    let python = std::env::var("TSDISTILL_PYTHON")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/venv/bin/python").into());
     let root = std::env::temp_dir().join(format!("tsdistill-train-loop-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();

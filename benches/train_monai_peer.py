@@ -2,7 +2,7 @@
 the tests' tiny run: SwinUNETR(feature_size=12, out_channels=14), one patch
 32×32×64 per step, DiceCELoss(to_onehot_y=True, softmax=True), AdamW(1e-4, 1e-5).
 
-    /work/target/venv/bin/python benches/train_monai_peer.py [depth] [steps]
+    target/venv/bin/python benches/train_monai_peer.py [depth] [steps]
 
 Prints seconds per iteration (median of `steps` after one warm-up).
 torch 2.15.0, monai 1.6.1.

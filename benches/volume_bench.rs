@@ -5,7 +5,7 @@
 //! `cargo bench --bench volume_bench` generates a phantom CT of that size,
 //! writes it, times our side (best of 3), then runs the Python peer
 //! (`benches/volume_peer.py`, interpreter from `TSDISTILL_BENCH_PYTHON`,
-//! default `/work/target/venv/bin/python`; skipped with a note if absent)
+//! default `target/venv/bin/python` in this checkout; skipped with a note if absent)
 //! and prints absolute times and ratios.
 
 use std::path::{Path, PathBuf};
@@ -78,7 +78,7 @@ fn main() {
     let size = fs_err::metadata(&img_p).unwrap().len();
 
     let py = std::env::var("TSDISTILL_BENCH_PYTHON")
-        .unwrap_or_else(|_| "/work/target/venv/bin/python".into());
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/venv/bin/python").into());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/volume_peer.py");
     let peer = std::process::Command::new(&py)
         .arg(&script)
