@@ -15,8 +15,9 @@
 //! `TSDISTILL_BENCH_MODES`) is the train step with gradient checkpointing on both sides
 //! (`use_checkpoint`; MONAI checkpoints the Swin blocks only, we also the residual conv blocks).
 //!
-//! `nn_swinunetr --graph F SIZE` (the bench binary itself) lists what the autograd graph of a
-//! train step holds, the activation memory, by tensor shape.
+//! `nn_swinunetr --graph F SIZE [generic] [ckpt]` (the bench binary itself) lists what the
+//! autograd graph of a train step holds, the activation memory, by tensor shape; `generic`: on
+//! the tensor-op path CUDA takes (`nn::with_generic_ops`); `ckpt`: with `use_checkpoint`.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
@@ -116,11 +117,12 @@ fn one(feature: usize, size: usize, mode: &str, iters: usize) {
 /// node's tensor until backward ends, so this is the activation memory. Unique storages of the
 /// non-parameter nodes, grouped by shape, largest first. (Tensors held inside custom ops are
 /// not graph nodes and are not counted.)
-fn graph_memory(feature: usize, size: usize) {
+fn graph_memory(feature: usize, size: usize, use_checkpoint: bool) {
     use std::collections::{HashMap, HashSet};
     let dev = Device::Cpu;
     let mut cfg = SwinUnetrConfig::new(1, 14);
     cfg.feature_size = feature;
+    cfg.use_checkpoint = use_checkpoint;
     let varmap = VarMap::new();
     let model = SwinUnetr::from_varmap(&cfg, &varmap, &dev).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 1, size, size, size), &dev).unwrap();
@@ -182,7 +184,13 @@ fn main() {
     }
     if args.first().map(String::as_str) == Some("--graph") {
         let p = |i: usize| args[i].parse::<usize>().unwrap();
-        graph_memory(p(1), p(2));
+        let flag = |f: &str| args[3..].iter().any(|a| a == f);
+        let ckpt = flag("ckpt");
+        if flag("generic") {
+            tsdistill::nn::with_generic_ops(|| graph_memory(p(1), p(2), ckpt));
+        } else {
+            graph_memory(p(1), p(2), ckpt);
+        }
         return;
     }
     let threads = std::env::var("TSDISTILL_BENCH_THREADS").unwrap_or_else(|_| "2".into());

@@ -15,11 +15,12 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
 
 use super::carried::{attach2, Backward2};
 use super::cpu_data::with_slice;
 use super::fused;
+use super::matmul::matmul as mm;
 use super::ops::softmax_last;
 use super::softmax_cpu::{dispatch, dot, softmax_row_into, Real};
 use super::SyncPtr;
@@ -71,7 +72,7 @@ pub fn window_attention(
     let dims = Dims { bw, h, n, hd, nw };
     let same = |t: &Tensor| fused::applies(t) && t.dtype() == qkv.dtype();
     if !(same(qkv) && same(bias) && mask.is_none_or(same)) {
-        return composite(qkv, bias, mask, scale, dims);
+        return generic(qkv, bias, mask, scale, dims);
     }
     let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
     let mask = mask.map(|m| m.contiguous()).transpose()?;
@@ -91,19 +92,23 @@ pub fn window_attention(
     )
 }
 
-/// The same formula from tensor ops (CUDA, other dtypes).
-fn composite(
-    qkv: &Tensor,
-    bias: &Tensor,
-    mask: Option<&Tensor>,
-    scale: f64,
-    d: Dims,
-) -> Result<Tensor> {
+/// q·scale, k and v of qkv `[Bw,n,3,h,hd]`, each `[Bw,h,n,hd]` and packed (`get` copies a
+/// strided slice; cuBLAS would not multiply a view whose rows lie `3·h·hd` apart).
+fn split_qkv(qkv: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
     // [Bw,n,3,h,hd] -> [3,Bw,h,n,hd]
     let qkv = qkv.permute((2, 0, 3, 1, 4))?;
-    let q = (qkv.get(0)? * scale)?;
-    let (k, v) = (qkv.get(1)?, qkv.get(2)?);
-    let z = q.matmul(&k.t()?)?.broadcast_add(bias)?;
+    Ok(((qkv.get(0)? * scale)?, qkv.get(1)?, qkv.get(2)?))
+}
+
+/// `softmax(q'·kᵀ + bias + mask)` `[Bw,h,n,n]` from tensor ops, q' = q·scale.
+fn probs_composite(
+    q: &Tensor,
+    k: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    d: Dims,
+) -> Result<Tensor> {
+    let z = mm(q, &k.t()?)?.broadcast_add(bias)?;
     let z = match mask {
         Some(m) => z
             .reshape((d.bw / d.nw, d.nw, d.h, d.n, d.n))?
@@ -111,11 +116,88 @@ fn composite(
             .reshape((d.bw, d.h, d.n, d.n))?,
         None => z,
     };
+    softmax_last(&z)
+}
+
+/// The same formula from tensor ops, differentiated by Candle (the reference in tests).
+fn composite(
+    qkv: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    d: Dims,
+) -> Result<Tensor> {
+    let (q, k, v) = split_qkv(qkv, scale)?;
     // [Bw,h,n,hd] -> [Bw,n,h,hd]
-    softmax_last(&z)?
-        .matmul(&v.contiguous()?)?
+    mm(&probs_composite(&q, &k, bias, mask, d)?, &v)?
         .transpose(1, 2)?
         .contiguous()
+}
+
+/// Off the fused CPU path (CUDA, other dtypes): the forward from tensor ops on detached inputs,
+/// attached as one node whose backward ([`GenericBackward`]) recomputes the probabilities, so
+/// the graph keeps no `n×n` tensor here either. Differentiated by Candle, the composite kept
+/// about eight per Swin block (4.8 of the 6.2 GB of graph at f12 64³).
+fn generic(
+    qkv: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    d: Dims,
+) -> Result<Tensor> {
+    if !qkv.track_op() && !bias.track_op() {
+        return composite(qkv, bias, mask, scale, d);
+    }
+    let out = composite(&qkv.detach(), &bias.detach(), mask, scale, d)?;
+    let mask = mask.cloned();
+    attach2(
+        qkv,
+        bias,
+        out,
+        GenericBackward {
+            mask,
+            scale,
+            dims: d,
+        },
+    )
+}
+
+/// [`generic`]'s backward from tensor ops. With p the probabilities and g the output gradient
+/// `[Bw,h,n,hd]`: dv = pᵀ·g, dz = p ⊙ (g·vᵀ − rowsum(p ⊙ g·vᵀ)), dq = scale·dz·k, dk = dzᵀ·q',
+/// dbias = Σ_windows dz.
+struct GenericBackward {
+    mask: Option<Tensor>,
+    scale: f64,
+    dims: Dims,
+}
+
+impl Backward2 for GenericBackward {
+    fn name(&self) -> &'static str {
+        "window-attention-generic"
+    }
+
+    fn backward(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = split_qkv(&qkv.detach(), self.scale)?;
+        let p = probs_composite(&q, &k, &bias.detach(), self.mask.as_ref(), self.dims)?;
+        // [Bw,n,h,hd] -> [Bw,h,n,hd]
+        let g = g.detach().transpose(1, 2)?.contiguous()?;
+        let dv = mm(&p.t()?, &g)?;
+        let dp = mm(&g, &v.t()?)?;
+        let dz = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+        let dq = (mm(&dz, &k)? * self.scale)?;
+        let dk = mm(&dz.t()?, &q)?;
+        let dbias = dz.sum(0)?;
+        // [3,Bw,h,n,hd] -> [Bw,n,3,h,hd]
+        let dqkv = Tensor::stack(&[dq, dk, dv], 0)?
+            .permute((1, 3, 0, 2, 4))?
+            .contiguous()?;
+        Ok((Some(dqkv), Some(dbias)))
+    }
 }
 
 /// The op's name in errors.
@@ -563,14 +645,25 @@ mod tests {
             nw: 2,
         };
         let scale = 3f64.powf(-0.5);
-        for mask in [None, Some(&mask)] {
+        // The fused CPU op, and the generic one (its forward and backward from tensor ops).
+        let paths = [None, Some(&mask)]
+            .into_iter()
+            .flat_map(|m| [(m, false), (m, true)]);
+        for (mask, generic) in paths {
+            let path = |f: &dyn Fn() -> Tensor| {
+                if generic {
+                    crate::nn::with_generic_ops(f)
+                } else {
+                    f()
+                }
+            };
             let d = Dims {
                 nw: if mask.is_some() { 2 } else { 1 },
                 ..d
             };
             let want = composite(&qkv, &bias, mask, scale, d).unwrap();
             // no autograd
-            let got = window_attention(&qkv, &bias, mask, scale).unwrap();
+            let got = path(&|| window_attention(&qkv, &bias, mask, scale).unwrap());
             assert!(max_diff(&got, &want) < 1e-14);
             // with autograd: the same output, and the composite's gradients
             let (vq, vb) = (
@@ -579,9 +672,10 @@ mod tests {
             );
             let w = rnd(&[4, 19, 2, 3], 4, 1.0);
             let loss = |y: Tensor| (y * &w).unwrap().sum_all().unwrap();
-            let y = window_attention(vq.as_tensor(), vb.as_tensor(), mask, scale).unwrap();
+            let y =
+                path(&|| window_attention(vq.as_tensor(), vb.as_tensor(), mask, scale).unwrap());
             assert!(max_diff(&y, &want) < 1e-14);
-            let g = loss(y).backward().unwrap();
+            let g = crate::nn::with_generic_ops(|| loss(y).backward().unwrap());
             let c = composite(vq.as_tensor(), vb.as_tensor(), mask, scale, d).unwrap();
             let gc = loss(c).backward().unwrap();
             for v in [&vq, &vb] {
@@ -591,7 +685,7 @@ mod tests {
                 );
                 assert!(
                     max_diff(a, b) < 1e-13,
-                    "gradient differs by {}",
+                    "generic {generic}: gradient differs by {}",
                     max_diff(a, b)
                 );
             }

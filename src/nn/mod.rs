@@ -39,6 +39,7 @@ pub mod checkpoint;
 pub mod conv_cpu;
 pub(crate) mod cpu_data;
 pub(crate) mod fused;
+mod matmul;
 pub mod norm;
 pub mod ops;
 mod recompute;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use super::carried::{attach2, attach3, Backward2, Backward3};
 use super::cpu_data::with_slices;
+use super::matmul::{broadcast_matmul, matmul};
 use super::softmax_cpu;
 
 /// Variance epsilon of PyTorch's `nn.InstanceNorm3d` and `nn.LayerNorm` defaults.
@@ -92,7 +93,7 @@ impl Conv3dKernel for Im2colConv3d {
             let n = step.min(d - d0);
             let col = Self::columns(&xp, d0, n, h, wd)?;
             // [Co, Ci·27] × [B, Ci·27, n·H·W] -> [B, Co, n·H·W] -> [B,Co,n,H,W]
-            outs.push(wm.broadcast_matmul(&col)?.reshape((b, co, n, h, wd))?);
+            outs.push(broadcast_matmul(&wm, &col)?.reshape((b, co, n, h, wd))?);
             d0 += n;
         }
         if outs.len() == 1 {
@@ -115,7 +116,7 @@ impl Conv3dKernel for Im2colConv3d {
             // [B,Co,n,H,W] -> [B, Co, n·H·W]
             let gc = g.narrow(2, d0, n)?.reshape((b, co, n * h * wd))?;
             // [B,Co,M] × [B,M,Ci·27] -> [B,Co,Ci·27] -> [Co,Ci·27]
-            let part = gc.matmul(&col.transpose(1, 2)?)?.sum(0)?;
+            let part = matmul(&gc, &col.transpose(1, 2)?)?.sum(0)?;
             acc = Some(match acc {
                 None => part,
                 Some(a) => (a + part)?,
@@ -200,9 +201,7 @@ pub fn conv3d_k3(x: &Tensor, w: &Tensor, kernel: &Arc<dyn Conv3dKernel>) -> Resu
 /// matmul's output would be kept alive beside the sum until backward ends, though backward
 /// needs neither).
 pub fn linear_with_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let y = x
-        .detach()
-        .matmul(&w.detach().t()?)?
+    let y = matmul(&x.detach(), &w.detach().t()?)?
         .broadcast_add(&b.detach())?
         .contiguous()?;
     attach3(x, w, b, y, LinearBackward)
@@ -224,8 +223,8 @@ impl Backward3 for LinearBackward {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, w, g) = (x.detach(), w.detach(), g.detach());
-        let dx = g.matmul(&w)?;
-        let dw = g.t()?.matmul(&x)?;
+        let dx = matmul(&g, &w)?;
+        let dw = matmul(&g.t()?, &x)?;
         let db = g.sum(0)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
@@ -236,9 +235,7 @@ pub fn conv3d_1x1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tenso
     let (b, ci, d, h, wd) = x.dims5()?;
     let co = w.dim(0)?;
     // [Co,Ci,1,1,1] -> [Co,Ci]; [B,Ci,D,H,W] -> [B,Ci,M]
-    let y = w
-        .reshape((co, ci))?
-        .broadcast_matmul(&x.reshape((b, ci, d * h * wd))?)?;
+    let y = broadcast_matmul(&w.reshape((co, ci))?, &x.reshape((b, ci, d * h * wd))?)?;
     let y = match bias {
         Some(bias) => y.broadcast_add(&bias.reshape((1, co, 1))?)?,
         None => y,
@@ -261,9 +258,7 @@ pub fn patch_embed_k2(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
         .contiguous()?
         .reshape((b, d2 * h2 * w2, ci * 8))?;
     // [Co,Ci,2,2,2] -> [Co,Ci·8]; [B,N,Ci·8] × [Ci·8,Co] -> [B,N,Co]
-    let y = p
-        .broadcast_matmul(&w.reshape((co, ci * 8))?.t()?)?
-        .broadcast_add(bias)?;
+    let y = broadcast_matmul(&p, &w.reshape((co, ci * 8))?.t()?)?.broadcast_add(bias)?;
     // [B,N,Co] -> [B,Co,N] -> [B,Co,D/2,H/2,W/2]
     y.transpose(1, 2)?
         .contiguous()?
@@ -279,7 +274,7 @@ pub fn conv_transpose3d_k2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     // [Ci,Co,2,2,2] -> [Ci,Co·8] -> [Co·8,Ci]
     let wm = w.reshape((ci, co * 8))?.t()?;
     // [Co·8,Ci] × [B,Ci,M] -> [B,Co·8,M]
-    let y = wm.broadcast_matmul(&x.reshape((b, ci, d * h * wd))?)?;
+    let y = broadcast_matmul(&wm, &x.reshape((b, ci, d * h * wd))?)?;
     // [B,Co,2,2,2,D,H,W] -> [B,Co,D,2,H,2,W,2] -> [B,Co,2D,2H,2W]
     y.reshape(vec![b, co, 2, 2, 2, d, h, wd])?
         .permute([0usize, 1, 5, 2, 6, 3, 7, 4])?
@@ -328,10 +323,9 @@ impl Backward3 for UpCatBackward {
         // forward: y = wmᵀ·x per batch with wm = w as [Ci,Co·8]
         let wm = w.reshape((ci, co * 8))?;
         let xm = x.reshape((b, ci, d * h * wd))?;
-        let dx = wm.broadcast_matmul(&gu)?.reshape((b, ci, d, h, wd))?;
+        let dx = broadcast_matmul(&wm, &gu)?.reshape((b, ci, d, h, wd))?;
         // dwm[i,k] = Σ_b,m x[b,i,m]·gu[b,k,m]
-        let dw = xm
-            .matmul(&gu.transpose(1, 2)?)?
+        let dw = matmul(&xm, &gu.transpose(1, 2)?)?
             .sum(0)?
             .reshape((ci, co, 2, 2, 2))?;
         Ok((Some(dx), Some(dw), Some(dskip)))

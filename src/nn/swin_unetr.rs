@@ -244,7 +244,7 @@ impl Module for Linear {
         let x = x.reshape((rows, input))?;
         let y = match &self.bias {
             Some(b) => ops::linear_with_bias(&x, &self.weight, b)?,
-            None => x.matmul(&self.weight.t()?)?,
+            None => super::matmul::matmul(&x, &self.weight.t()?)?,
         };
         let mut out = dims;
         *out.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
