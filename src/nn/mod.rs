@@ -41,6 +41,7 @@ pub(crate) mod cpu_data;
 pub(crate) mod fused;
 mod matmul;
 pub mod norm;
+mod norm_generic;
 pub mod ops;
 mod recompute;
 mod softmax_cpu;

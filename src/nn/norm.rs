@@ -6,7 +6,8 @@
 //! Candle keeps every intermediate of the forward alive until the whole backward is done: the
 //! composite `IN → LeakyReLU → add → LeakyReLU` of a full-resolution residual block kept six
 //! tensors of 48×96³ floats (170 MB each at f48 96³) that PyTorch frees or overwrites in place.
-//! Elsewhere (CUDA) they are composed from tensor ops, which Candle differentiates.
+//! Elsewhere (CUDA, other dtypes) each is one graph node too, its forward and backward built
+//! from tensor ops ([`super::norm_generic`]).
 //!
 //! Statistics are accumulated in f64 (instance-norm rows are up to 96³ long).
 
@@ -15,7 +16,7 @@ use rayon::prelude::*;
 
 use super::cpu_data::with_slices;
 use super::fused::applies as fused;
-use super::ops::{leaky_relu, LeakyReluGrad, LEAKY_SLOPE, NORM_EPS};
+use super::ops::{LeakyReluGrad, LEAKY_SLOPE, NORM_EPS};
 
 /// Mean and 1/σ (biased variance + eps) of one row, two-pass in f64.
 fn row_stats<T: candle_core::WithDType>(xs: &[T]) -> (f64, f64) {
@@ -91,16 +92,11 @@ fn instance_norm_act(x: &Tensor, act: bool) -> Result<Tensor> {
         };
         return x.contiguous()?.apply_op1(op);
     }
-    let y = instance_norm_composite(x)?;
-    if act {
-        leaky_relu(&y)
-    } else {
-        Ok(y)
-    }
+    super::norm_generic::instance_norm_act(x, act)
 }
 
 /// InstanceNorm3d from tensor ops (any device).
-fn instance_norm_composite(x: &Tensor) -> Result<Tensor> {
+pub(super) fn instance_norm_composite(x: &Tensor) -> Result<Tensor> {
     let (b, c, d, h, w) = x.dims5()?;
     // [B,C,D,H,W] -> [B,C,M]
     let xf = x.reshape((b, c, d * h * w))?;
@@ -237,12 +233,7 @@ pub fn residual_block_tail(a: &Tensor, r: &Tensor, norm_residual: bool) -> Resul
         };
         return a.contiguous()?.apply_op2(&r.contiguous()?, op);
     }
-    let r = if norm_residual {
-        instance_norm_composite(r)?
-    } else {
-        r.clone()
-    };
-    leaky_relu(&(instance_norm_composite(a)? + r)?)
+    super::norm_generic::residual_block_tail(a, r, norm_residual)
 }
 
 struct ResidualTail {
@@ -340,11 +331,14 @@ pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>) ->
             return x.contiguous()?.apply_op3(&w, &b, LayerNormOp);
         }
     }
-    layer_norm_composite(x, weight, bias)
+    match (weight, bias) {
+        (Some(w), Some(b)) => super::norm_generic::layer_norm(x, w, b),
+        _ => layer_norm_composite(x, weight, bias),
+    }
 }
 
 /// LayerNorm from tensor ops (any device).
-fn layer_norm_composite(
+pub(super) fn layer_norm_composite(
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
@@ -523,6 +517,7 @@ impl candle_core::CustomOp3 for LayerNormGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::ops::leaky_relu;
     use crate::nn::ops::tests::{check_grads, flat, max_diff, randn};
 
     #[test]
