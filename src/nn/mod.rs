@@ -34,7 +34,7 @@
 //! - A `SwinUnetr` is cheap to clone (tensors are shared).
 
 pub mod attention;
-mod carried;
+pub(crate) mod carried;
 pub mod checkpoint;
 pub mod conv_cpu;
 pub(crate) mod cpu_data;

@@ -28,6 +28,7 @@ use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::error::{Result, TrainError};
+use crate::nn::carried::{attach1, Backward1};
 use crate::nn::cpu_data::{slices, with_slice, Slice};
 
 /// Options of [`dice_ce_loss`]; `Default` is MONAI's default.
@@ -98,7 +99,72 @@ pub fn dice_ce_loss(logits: &Tensor, labels: &Tensor, opts: &DiceCeOptions) -> R
         };
         return Ok(x.contiguous()?.apply_op1(op)?);
     }
-    composite(&x, &ids, opts, b, c, dtype)
+    generic(&x, &ids, opts, b, c, dtype)
+}
+
+/// Off the fused CPU path (CUDA, other dtypes): the composite's value on detached logits,
+/// attached as one graph node whose backward is the closed form of [`DiceCe::grad`] in tensor
+/// ops. Differentiated by Candle, the composite kept eleven `[B, C, N]` tensors for backward.
+fn generic(
+    x: &Tensor,
+    ids: &Tensor,
+    opts: &DiceCeOptions,
+    b: usize,
+    c: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    let loss = composite(&x.detach(), ids, opts, b, c, dtype)?;
+    if !x.track_op() {
+        return Ok(loss);
+    }
+    let backward = DiceCeGenericBackward {
+        ids: ids.clone(),
+        opts: *opts,
+    };
+    Ok(attach1(x, loss, backward)?)
+}
+
+/// [`generic`]'s backward: with p the softmax and g the one-hot `[B, C, N]`, per (b, c)
+/// `α = −2w/den`, `β = w(2I + smooth_nr)/den²` (zero for an excluded background), then
+/// `dx = p ⊙ (dp − Σ_c p ⊙ dp) + λ_ce (p − g)/(B·N)` with `dp = α·g + β`, times the incoming
+/// gradient (as [`DiceCe::grad`]).
+struct DiceCeGenericBackward {
+    ids: Tensor,
+    opts: DiceCeOptions,
+}
+
+impl Backward1 for DiceCeGenericBackward {
+    fn name(&self) -> &'static str {
+        "dice-ce-generic"
+    }
+
+    fn backward(&self, x: &Tensor, gl: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (x, o) = (x.detach(), &self.opts);
+        let (b, c, n) = x.dims3()?;
+        let (dtype, dev) = (x.dtype(), x.device());
+        let classes = Tensor::arange(0u32, c as u32, dev)?.reshape((1, c, 1))?;
+        let onehot = self.ids.broadcast_eq(&classes)?.to_dtype(dtype)?;
+        let e = x.broadcast_sub(&x.max_keepdim(1)?)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(1)?)?;
+        let c0 = usize::from(!o.include_background);
+        let w = o.lambda_dice / (b * (c - c0)) as f64;
+        let inter = (&p * &onehot)?.sum_keepdim(2)?;
+        let den = ((p.sum_keepdim(2)? + onehot.sum_keepdim(2)?)? + o.smooth_dr)?;
+        let keep: Vec<f64> = (0..c).map(|k| f64::from(u8::from(k >= c0))).collect();
+        let keep = Tensor::from_vec(keep, (1, c, 1), dev)?.to_dtype(dtype)?;
+        let alpha = (den.recip()? * (-2.0 * w))?.broadcast_mul(&keep)?;
+        let beta = (((inter * 2.0)? + o.smooth_nr)? * w)?
+            .div(&den.sqr()?)?
+            .broadcast_mul(&keep)?;
+        let dp = onehot.broadcast_mul(&alpha)?.broadcast_add(&beta)?;
+        let dot = (&p * &dp)?.sum_keepdim(1)?;
+        // 1 where the voxel's id is a class: no cross-entropy term elsewhere
+        let valid = onehot.sum_keepdim(1)?;
+        let ce = ((&p - &onehot)?.broadcast_mul(&valid)? * (o.lambda_ce / (b * n) as f64))?;
+        let dx = ((&p * dp.broadcast_sub(&dot)?)? + ce)?;
+        let gl = gl.detach().to_dtype(dtype)?.reshape((1, 1, 1))?;
+        Ok(Some(dx.broadcast_mul(&gl)?))
+    }
 }
 
 /// [`dice_ce_loss`] from tensor ops, on x `[B, C, N]` and ids `[B, 1, N]`.
@@ -403,7 +469,18 @@ mod tests {
         ids[5] = 7;
         let logits = Tensor::from_vec(logits, (b, c, 10, 5, 6), &dev).unwrap();
         let labels = Tensor::from_vec(ids, (b, 1, 10, 5, 6), &dev).unwrap();
-        for include_background in [true, false] {
+        // The fused CPU op, and the generic node (its backward from tensor ops).
+        let cases = [true, false]
+            .into_iter()
+            .flat_map(|bg| [(bg, false), (bg, true)]);
+        for (include_background, generic) in cases {
+            fn path<R>(generic: bool, f: impl FnOnce() -> R) -> R {
+                if generic {
+                    crate::nn::with_generic_ops(f)
+                } else {
+                    f()
+                }
+            }
             let opts = DiceCeOptions {
                 include_background,
                 lambda_dice: 0.7,
@@ -411,7 +488,7 @@ mod tests {
                 ..Default::default()
             };
             let var = candle_core::Var::from_tensor(&logits).unwrap();
-            let fused = dice_ce_loss(var.as_tensor(), &labels, &opts).unwrap();
+            let fused = path(generic, || dice_ce_loss(var.as_tensor(), &labels, &opts)).unwrap();
             let x = var.as_tensor().flatten_from(2).unwrap();
             let ids = labels.flatten_from(2).unwrap();
             let reference = composite(&x, &ids, &opts, b, c, DType::F64).unwrap();
@@ -420,7 +497,7 @@ mod tests {
                 reference.to_scalar::<f64>().unwrap(),
             );
             assert!((f - r).abs() < 1e-12, "{f} vs {r}");
-            let gf = fused.backward().unwrap();
+            let gf = path(generic, || fused.backward()).unwrap();
             let gr = (reference * 2.0).unwrap().backward().unwrap();
             let (gf, gr) = (
                 gf.get(var.as_tensor())
@@ -442,7 +519,10 @@ mod tests {
                 .zip(&gr)
                 .map(|(a, b)| (2.0 * a - b).abs())
                 .fold(0.0, f64::max);
-            assert!(worst < 1e-14, "gradient differs by {worst}");
+            assert!(
+                worst < 1e-14,
+                "generic {generic}: gradient differs by {worst}"
+            );
             assert!(gf.iter().any(|&v| v.abs() > 1e-6));
         }
     }
