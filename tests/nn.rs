@@ -73,7 +73,11 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn assert_logits(model: &SwinUnetr, input: &Tensor, want: &Tensor, what: &str) {
-    let got = model.forward(input).unwrap();
+    let got = model
+        .forward(input)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let diff = max_abs_diff(&got, want);
     println!("{what}: max |logit diff| = {diff:e}");
     assert!(diff < 1e-4, "{what}: max |logit diff| {diff} ≥ 1e-4");
@@ -253,27 +257,19 @@ fn r3_generic_path_that_cuda_takes_matches_monai() {
     assert_eq!(model.named_parameters().len(), 151);
 
     with_generic_ops(|| {
-        let logits = |model: SwinUnetr, input: &str, want: &str, what: &str| {
-            let got = model
-                .forward(&on(input))
-                .unwrap()
-                .to_device(&Device::Cpu)
-                .unwrap();
-            let diff = max_abs_diff(&got, &c[want]);
-            println!("{what}: max |logit diff| = {diff:e}");
-            assert!(diff < 1e-4, "{what}: max |logit diff| {diff} ≥ 1e-4");
-        };
         let merging = cfg(Downsample::Merging, false);
         let model = SwinUnetr::load(dir().join("swinunetr_f12.pt"), &merging, &dev).unwrap();
-        logits(model, "input_64", "logits_merging_64", "generic f12 64³");
+        let want = &c["logits_merging_64"];
+        assert_logits(&model, &on("input_64"), want, "generic f12 64³");
         let mut v2 = base_weights();
         let extra = dir().join("swinunetr_f12_v2extra.safetensors");
         v2.extend(candle_core::safetensors::load(extra, &Device::Cpu).unwrap());
         let model = SwinUnetr::from_state_dict(v2, &cfg(Downsample::Merging, true), &dev).unwrap();
-        logits(
-            model,
-            "input_64x64x32",
-            "logits_v2_64x64x32",
+        let want = &c["logits_v2_64x64x32"];
+        assert_logits(
+            &model,
+            &on("input_64x64x32"),
+            want,
             "generic use_v2 64×64×32",
         );
     });

@@ -145,9 +145,6 @@ fn generic(
     scale: f64,
     d: Dims,
 ) -> Result<Tensor> {
-    if !qkv.track_op() && !bias.track_op() {
-        return composite(qkv, bias, mask, scale, d);
-    }
     let out = composite(&qkv.detach(), &bias.detach(), mask, scale, d)?;
     let mask = mask.cloned();
     attach2(

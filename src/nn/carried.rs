@@ -44,9 +44,12 @@ pub(crate) trait Backward3: Send + Sync + 'static {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
 }
 
-/// `y` as the output of a node over `a` whose backward is `backward`. `y` must be contiguous
-/// and on `a`'s device; `a` must be tracked (else the node is not recorded).
+/// `y` as the output of a node over `a` whose backward is `backward`; `y` itself when `a` is
+/// not tracked. `y` must be contiguous and on `a`'s device.
 pub(crate) fn attach1(a: &Tensor, y: Tensor, backward: impl Backward1) -> Result<Tensor> {
+    if !a.track_op() {
+        return Ok(y);
+    }
     a.apply_op1(Attached::new(y, backward))
 }
 

@@ -95,16 +95,24 @@ fn instance_norm_act(x: &Tensor, act: bool) -> Result<Tensor> {
     super::norm_generic::instance_norm_act(x, act)
 }
 
+/// `x̂` and `1/σ` of x normalised over its last dim (biased variance + eps), from tensor ops:
+/// the composites below, and the generic backwards that recompute them.
+pub(super) fn normalised(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let inv = (xc.sqr()?.mean_keepdim(D::Minus1)? + NORM_EPS)?
+        .sqrt()?
+        .recip()?;
+    Ok((xc.broadcast_mul(&inv)?, inv))
+}
+
 /// InstanceNorm3d from tensor ops (any device).
 pub(super) fn instance_norm_composite(x: &Tensor) -> Result<Tensor> {
     let (b, c, d, h, w) = x.dims5()?;
     // [B,C,D,H,W] -> [B,C,M]
-    let xf = x.reshape((b, c, d * h * w))?;
-    let mean = xf.mean_keepdim(2)?;
-    let xc = xf.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(2)?;
-    let y = xc.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
-    y.reshape((b, c, d, h, w))
+    normalised(&x.reshape((b, c, d * h * w))?)?
+        .0
+        .reshape((b, c, d, h, w))
 }
 
 /// Fused CPU instance norm over rows of `row` elements, then LeakyReLU if `act`.
@@ -343,10 +351,7 @@ pub(super) fn layer_norm_composite(
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let mut y = xc.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
+    let mut y = normalised(x)?.0;
     if let Some(w) = weight {
         y = y.broadcast_mul(w)?;
     }

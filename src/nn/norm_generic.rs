@@ -9,18 +9,8 @@
 use candle_core::{Result, Tensor, D};
 
 use super::carried::{attach1, attach2, attach3, Backward1, Backward2, Backward3};
-use super::norm::{instance_norm_composite, layer_norm_composite};
-use super::ops::{leaky_relu, LEAKY_SLOPE, NORM_EPS};
-
-/// `x̂` and `1/σ` of x normalised over its last dim (biased variance + eps).
-fn normalised(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let inv = (xc.sqr()?.mean_keepdim(D::Minus1)? + NORM_EPS)?
-        .sqrt()?
-        .recip()?;
-    Ok((xc.broadcast_mul(&inv)?, inv))
-}
+use super::norm::{instance_norm_composite, layer_norm_composite, normalised};
+use super::ops::{leaky_relu, LEAKY_SLOPE};
 
 /// The gradient of x for the gradient `g` of `x̂` (normalised over the last dim):
 /// `(g − mean(g) − x̂·mean(g·x̂)) / σ`.
@@ -49,9 +39,6 @@ fn rows(x: &Tensor) -> Result<Tensor> {
 pub(crate) fn instance_norm_act(x: &Tensor, act: bool) -> Result<Tensor> {
     let y = instance_norm_composite(&x.detach())?;
     let y = if act { leaky_relu(&y)? } else { y };
-    if !x.track_op() {
-        return Ok(y);
-    }
     attach1(x, y.contiguous()?, InstanceNormBackward { act })
 }
 
@@ -84,9 +71,6 @@ pub(crate) fn residual_block_tail(a: &Tensor, r: &Tensor, norm_residual: bool) -
         rd
     };
     let y = leaky_relu(&(instance_norm_composite(&ad)? + rn)?)?;
-    if !a.track_op() && !r.track_op() {
-        return Ok(y);
-    }
     attach2(
         a,
         r,
@@ -132,9 +116,6 @@ impl Backward2 for ResidualTailBackward {
 /// Affine LayerNorm over the last dim: x `[…,C]`, w and b `[C]`.
 pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let y = layer_norm_composite(&x.detach(), Some(&w.detach()), Some(&b.detach()))?;
-    if !x.track_op() && !w.track_op() && !b.track_op() {
-        return Ok(y);
-    }
     attach3(x, w, b, y.contiguous()?, LayerNormBackward)
 }
 

@@ -114,9 +114,6 @@ fn generic(
     dtype: DType,
 ) -> Result<Tensor> {
     let loss = composite(&x.detach(), ids, opts, b, c, dtype)?;
-    if !x.track_op() {
-        return Ok(loss);
-    }
     let backward = DiceCeGenericBackward {
         ids: ids.clone(),
         opts: *opts,
@@ -142,8 +139,7 @@ impl Backward1 for DiceCeGenericBackward {
         let (x, o) = (x.detach(), &self.opts);
         let (b, c, n) = x.dims3()?;
         let (dtype, dev) = (x.dtype(), x.device());
-        let classes = Tensor::arange(0u32, c as u32, dev)?.reshape((1, c, 1))?;
-        let onehot = self.ids.broadcast_eq(&classes)?.to_dtype(dtype)?;
+        let onehot = one_hot(&self.ids, c, dtype)?;
         let e = x.broadcast_sub(&x.max_keepdim(1)?)?.exp()?;
         let p = e.broadcast_div(&e.sum_keepdim(1)?)?;
         let c0 = usize::from(!o.include_background);
@@ -167,6 +163,12 @@ impl Backward1 for DiceCeGenericBackward {
     }
 }
 
+/// One-hot `[B, C, N]` of ids `[B, 1, N]` by comparing with 0..C (an id ≥ C matches no class).
+fn one_hot(ids: &Tensor, c: usize, dtype: DType) -> candle_core::Result<Tensor> {
+    let classes = Tensor::arange(0u32, c as u32, ids.device())?.reshape((1, c, 1))?;
+    ids.broadcast_eq(&classes)?.to_dtype(dtype)
+}
+
 /// [`dice_ce_loss`] from tensor ops, on x `[B, C, N]` and ids `[B, 1, N]`.
 fn composite(
     x: &Tensor,
@@ -176,9 +178,7 @@ fn composite(
     c: usize,
     dtype: DType,
 ) -> Result<Tensor> {
-    // One-hot [B, C, N] by comparing with 0..C.
-    let classes = Tensor::arange(0u32, c as u32, x.device())?.reshape((1, c, 1))?;
-    let onehot = ids.broadcast_eq(&classes)?.to_dtype(dtype)?;
+    let onehot = one_hot(ids, c, dtype)?;
 
     // 1. Log-softmax over the channel dim with max subtraction.
     let max = x.max_keepdim(1)?.detach();
